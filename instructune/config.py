@@ -1,0 +1,74 @@
+"""What a training run is, in one place: three dataclasses that HfArgumentParser turns into flags.
+
+The split (model / data / training) and the field names follow Stanford Alpaca's train.py, so its
+documented command lines keep working; everything else is a Hugging Face TrainingArguments field.
+"""
+
+from dataclasses import dataclass, field
+
+import transformers
+
+from instructune.data.templates import TEMPLATES
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="smollm2-135m",
+        metadata={
+            "help": "Hugging Face model id, local model folder, or a built-in model name "
+            "(smollm2-135m: SmolLM2-135M-Instruct, converted once into the user cache)."
+        },
+    )
+    pad_token: str = field(
+        default="[PAD]",
+        metadata={
+            "help": "Token used for padding when the tokenizer has none. A token already in the vocabulary "
+            "(e.g. '<unk>') is reused as is; any other string is added as a new token and the embeddings are "
+            "resized, new rows set to the mean of the old ones (Stanford Alpaca's choice, the default)."
+        },
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder."})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(
+        default="alpaca_data.json",
+        metadata={
+            "help": "Alpaca-style data: a JSON list or JSON Lines file of {instruction, input, output} records, "
+            "a local dataset folder, or a Hugging Face dataset id."
+        },
+    )
+    prompt_template: str = field(
+        default="alpaca",
+        metadata={
+            "help": "How a record becomes a prompt: 'alpaca' (Alpaca's two templates, with and without input) "
+            "or 'chat' (the tokenizer's own chat template).",
+            "choices": sorted(TEMPLATES),
+        },
+    )
+    train_on_inputs: bool = field(
+        default=False, metadata={"help": "Also learn the prompt tokens (by default only the response and EOS)."}
+    )
+    overlong: str = field(
+        default="truncate",
+        metadata={
+            "help": "What to do with records longer than model_max_length: 'truncate' them or 'drop' them.",
+            "choices": ["truncate", "drop"],
+        },
+    )
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    cache_dir: str | None = field(default=None, metadata={"help": "Hugging Face download cache."})
+    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (Alpaca's default, adamw_torch)."})
+    model_max_length: int = field(
+        default=512, metadata={"help": "Maximum sequence length; longer records are truncated or dropped."}
+    )
+    max_shard_size: str = field(
+        default="5GB", metadata={"help": "Largest safetensors shard of the saved model, e.g. '5GB' or '500MB'."}
+    )
+    # A fine-tune updates every parameter, so DDP's unused-parameter search only costs time and warnings.
+    ddp_find_unused_parameters: bool | None = field(default=False)

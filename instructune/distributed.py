@@ -1,0 +1,101 @@
+"""Where training runs: the adjustments that make the Trainer really distribute on a CPU-only machine,
+and a clean process exit. Every CPU-only workaround lives here (see shared notes cpu-distributed.md).
+
+Without them, on a machine with no GPU the Trainer silently trains each torchrun rank alone,
+DeepSpeed ZeRO-3 fails inside from_pretrained, FSDP silently falls back to DDP, and gloo runs abort
+at interpreter exit now and then. Each function says when it can go.
+"""
+
+import logging
+import os
+import sys
+
+import torch
+
+logger = logging.getLogger("instructune")
+
+
+def main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+def adjust_flags_for_device(argv: list[str]) -> list[str]:
+    """On a machine without CUDA: train on the CPU without being told, and drop CUDA-only flags."""
+    if not on_cpu():
+        return argv
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise probes for CUDA first
+    argv = list(argv)
+    if "--tf32" in argv:
+        # TrainingArguments raises for --tf32 True without an Ampere GPU; Alpaca's command passes it.
+        i = argv.index("--tf32")
+        has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        del argv[i : i + 1 + has_value]
+        logger.info("--tf32 ignored: no CUDA GPU on this machine")
+    if "--use_cpu" not in argv:
+        # Without use_cpu, Accelerate finds no device backend and each torchrun rank trains alone,
+        # unwrapped, on the full data, while all of them write the same output_dir.
+        argv += ["--use_cpu", "True"]
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            logger.info(f"no GPU: training on the CPU, {os.environ['WORLD_SIZE']} processes over gloo")
+        else:
+            logger.info("no GPU: training on the CPU")
+    return argv
+
+
+def init_process_group_early(uses_deepspeed: bool) -> None:
+    """DeepSpeed on the CPU: start the gloo process group before the model is loaded.
+
+    transformers runs deepspeed.zero.Init() inside from_pretrained under ZeRO-3, which needs
+    deepspeed.comm ready; on GPUs Accelerate does this in time, on the CPU it does not.
+    """
+    if uses_deepspeed and on_cpu() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+
+
+def enable_fsdp_on_cpu(trainer) -> None:
+    """Make the Trainer's FSDP2 real on the CPU, where Accelerate silently replaces it with DDP.
+
+    Accelerate only switches to FSDP for GPU-like distributed types (accelerate/state.py); the
+    torch FSDP2 code itself runs fine on gloo. Can go when Accelerate accepts MULTI_CPU there.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    if plugin.cpu_offload:
+        plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)  # pinning needs an accelerator
+    if trainer.accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(trainer.accelerator.mixed_precision)
+    state = trainer.accelerator.state
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    # AcceleratorState copies PartialState's dict when constructed again (e.g. at save time).
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+
+
+def is_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def exit_process(code: int = 0) -> None:
+    """End a training process without the gloo abort at interpreter exit.
+
+    Ranks that simply return sometimes die in a C++ destructor ('terminate called without an active
+    exception'), failing the whole torchrun job after a good run; synchronising, tearing the
+    process group down and leaving with os._exit avoids it.
+    """
+    if is_initialized():
+        if code == 0:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

