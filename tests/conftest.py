@@ -1,0 +1,121 @@
+"""Test assets built on the spot: a byte-level BPE tokenizer trained on the sample data, and tiny random
+LLaMA (no pad token, untied embeddings, like the real LLaMA) and OPT (pad token, tied embeddings) folders."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = REPO / "alpaca_data.json"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _train_tokenizer(directory: Path, with_pad: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    records = json.loads(SAMPLE_DATA.read_text())
+    texts = [" ".join(r.values()) for r in records] * 2
+    specials = ["<unk>", "<s>", "</s>"] + (["<pad>"] if with_pad else [])
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    # Like LLaMA: BOS in front of every encoded text.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>" if with_pad else None,
+    )
+    wrapped.save_pretrained(directory)
+    return wrapped
+
+
+def _tiny_llama(directory: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _train_tokenizer(directory, with_pad=False)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def _tiny_opt(directory: Path) -> Path:
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    tokenizer = _train_tokenizer(directory, with_pad=True)
+    torch.manual_seed(0)
+    config = OPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    OPTForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return _tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_opt(tmp_path_factory) -> Path:
+    return _tiny_opt(tmp_path_factory.mktemp("tiny-opt"))
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The built-in SmolLM2-135M-Instruct folder (converted into the user cache on first use)."""
+    from instructune.builtin import builtin_model_path
+
+    return builtin_model_path("smollm2-135m")
+
+
+def run_command(args: list[str], timeout: int = 600, **env) -> subprocess.CompletedProcess:
+    """Run a command from the repo root with this interpreter's environment; output captured as text."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(
+        args, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+
+
+PYTHON = sys.executable
