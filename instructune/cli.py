@@ -199,7 +199,12 @@ def run_demo(argv: list[str]) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"training loss {outcome.losses[0]:.3f} → {outcome.losses[-1]:.3f} over {len(outcome.losses)} steps")
+    quarter = max(1, len(outcome.losses) // 4)
+    first, last = outcome.losses[:quarter], outcome.losses[-quarter:]
+    print(
+        f"training loss, mean of the first and last {quarter} steps: "
+        f"{sum(first) / quarter:.3f} → {sum(last) / quarter:.3f} ({len(outcome.losses)} steps)"
+    )
     print(f"the fine-tuned model is a Hugging Face folder: {training_args.output_dir}")
     return 0
 
@@ -245,3 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 def train_main() -> None:
     """train.py: Alpaca's entry point, flags only."""
     sys.exit(run_training(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""End to end with the real built-in model (SmolLM2-135M-Instruct) and real Alpaca data."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import PYTHON, SHARED_DATA, run_command
+
+pytestmark = pytest.mark.slow
+
+
+def test_builtin_model_folder_is_plain_hugging_face(smollm2):
+    config = json.loads((smollm2 / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
+    model = AutoModelForCausalLM.from_pretrained(smollm2)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+
+
+def test_fine_tune_smollm2_on_real_alpaca_records(smollm2, tmp_path):
+    source = SHARED_DATA / "random_9k.json"
+    if not source.exists():
+        pytest.skip(f"real Alpaca data not found at {source} (see the developers' guide)")
+    records = json.loads(source.read_text())[:12]
+    data = tmp_path / "alpaca_12.json"
+    data.write_text(json.dumps(records))
+    output_dir = tmp_path / "smollm2-tuned"
+    result = run_command(
+        [PYTHON, "-m", "instructune.cli", "train", "--config", "configs/smollm2-135m-cpu.yaml",
+         "--data_path", str(data), "--output_dir", str(output_dir), "--max_steps", "6",
+         "--per_device_train_batch_size", "4", "--learning_rate", "1e-4", "--model_max_length", "192",
+         "--disable_tqdm", "True", "--max_shard_size", "200MB"]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((output_dir / "train_results.json").read_text())
+    losses = [e["loss"] for e in summary["losses"]]
+    assert len(losses) == 6 and sum(losses[3:]) < sum(losses[:3]), losses  # epoch 2 fits the same records better
+    assert len(json.loads((output_dir / "model.safetensors.index.json").read_text())["weight_map"]) == 272
+
+    reply = run_command(
+        [PYTHON, "-m", "instructune.cli", "generate", "--model_name_or_path", str(output_dir),
+         "--instruction", "Name three primary colours.", "--max_new_tokens", "16"]
+    )
+    assert reply.returncode == 0, reply.stderr[-2000:]
+    assert len(reply.stdout.strip()) > 3
