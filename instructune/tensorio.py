@@ -1,0 +1,195 @@
+"""Tensor-by-tensor reading and writing of Hugging Face model folders, so that whole-model tools
+(weight diffs, re-sharding) need memory for one tensor, not for the model.
+
+Reading: safetensors files through `safe_open` (memory-mapped), `.bin` files through
+`torch.load(weights_only=True, mmap=True)`; single files or sharded with an index.
+Writing: the safetensors library writes whole dicts only, so `ShardWriter` lays out shards from
+the tensors' shapes first and then streams each tensor's bytes into its place: the files are
+ordinary safetensors shards with a standard `model.safetensors.index.json`.
+"""
+
+import hashlib
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from instructune.errors import UserError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB', '500MB', '200KB' or a number of bytes → bytes (decimal units, as transformers)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*", size.upper())
+    if not match:
+        raise UserError(f"not a size: {size!r} (e.g. '5GB', '500MB')")
+    scale = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9}
+    return int(float(match.group(1)) * scale[match.group(2)])
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(_as_bytes(tensor)).hexdigest()
+
+
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for n in self.shape:
+            numel *= n
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+class TensorFolder:
+    """The weights of a Hugging Face model folder, read one tensor at a time."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise UserError(f"{self.path}: no such model folder")
+        self.tensors: dict[str, TensorInfo] = {}
+        self._bin_cache: tuple[Path, dict] | None = None
+        for file in self._weight_files():
+            for info in self._read_header(file):
+                self.tensors.setdefault(info.name, info)
+
+    def _weight_files(self) -> list[Path]:
+        for stem in ("model.safetensors", "pytorch_model.bin"):
+            index = self.path / f"{stem}.index.json"
+            if index.exists():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                return [self.path / name for name in dict.fromkeys(weight_map.values())]
+            if (self.path / stem).exists():
+                return [self.path / stem]
+        raise UserError(f"{self.path}: no model weights (model.safetensors or pytorch_model.bin, single or sharded)")
+
+    def _read_header(self, file: Path) -> list[TensorInfo]:
+        if not file.exists():
+            raise UserError(f"{file}: weight file listed in the index is missing")
+        if file.suffix == ".bin":
+            return [TensorInfo(n, tuple(t.shape), t.dtype, file) for n, t in self._load_bin(file).items()]
+        try:
+            with safe_open(file, framework="pt") as f:
+                return [
+                    TensorInfo(n, tuple(f.get_slice(n).get_shape()), SAFETENSORS_DTYPES[f.get_slice(n).get_dtype()], file)
+                    for n in f.keys()
+                ]
+        except Exception as e:  # safetensors raises its own error type for a damaged header
+            raise UserError(f"{file}: not a readable safetensors file ({e})") from None
+
+    def _load_bin(self, file: Path) -> dict:
+        if self._bin_cache is None or self._bin_cache[0] != file:
+            # weights_only: a .bin file is a pickle and must not run code; mmap: read pages lazily
+            self._bin_cache = (file, torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        return self._bin_cache[1]
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        if info.file.suffix == ".bin":
+            return self._load_bin(info.file)[name]
+        try:
+            with safe_open(info.file, framework="pt") as f:
+                return f.get_tensor(name)
+        except Exception as e:
+            raise UserError(f"{info.file}: cannot read tensor {name} ({e})") from None
+
+
+class ShardWriter:
+    """Writes tensors, given in a known order with known shapes and dtypes, as safetensors shards.
+
+    Peak memory is one tensor: each shard's header is written from the plan, then every tensor's
+    bytes are appended as it arrives. One shard is `model.safetensors`; several get an index.
+    """
+
+    def __init__(self, directory: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: str | int):
+        self.directory = directory
+        limit = parse_size(max_shard_size)
+        shards: list[list[TensorInfo]] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            info = TensorInfo(name, tuple(shape), dtype, Path())
+            if shards[-1] and size + info.nbytes > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append(info)
+            size += info.nbytes
+        count = len(shards)
+        self.files = ["model.safetensors"] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+        self.shard_of = {info.name: i for i, shard in enumerate(shards) for info in shard}
+        self.shards = shards
+        self.expected = [info for shard in shards for info in shard]
+        self.position = 0
+        self.handle = None
+        self.current = -1
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        info = self.expected[self.position]
+        if name != info.name or tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+            raise ValueError(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} does not follow the plan ({info})")
+        shard = self.shard_of[name]
+        if shard != self.current:
+            self._open(shard)
+        self.handle.write(_as_bytes(tensor))
+        self.position += 1
+
+    def _open(self, shard: int) -> None:
+        if self.handle:
+            self.handle.close()
+        self.current = shard
+        header, offset = {}, 0
+        for info in self.shards[shard]:
+            header[info.name] = {"dtype": DTYPE_NAMES[info.dtype], "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
+            offset += info.nbytes
+        header["__metadata__"] = {"format": "pt"}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
+        self.handle = open(self.directory / self.files[shard], "wb")
+        self.handle.write(struct.pack("<Q", len(encoded)) + encoded)
+
+    def close(self) -> None:
+        if self.position != len(self.expected):
+            raise ValueError(f"only {self.position} of {len(self.expected)} planned tensors were written")
+        if self.handle:
+            self.handle.close()
+        if len(self.files) > 1:
+            index = {
+                "metadata": {"total_size": sum(info.nbytes for info in self.expected)},
+                "weight_map": {info.name: self.files[self.shard_of[info.name]] for info in self.expected},
+            }
+            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copy_non_weight_files(source: Path, destination: Path, skip: tuple[str, ...] = ()) -> None:
+    """Config, generation config, tokenizer files…: every plain file of `source` that is not weights."""
+    import shutil
+
+    for file in sorted(source.iterdir()):
+        if file.is_file() and not WEIGHT_FILE.match(file.name) and file.name not in skip:
+            shutil.copy2(file, destination / file.name)
