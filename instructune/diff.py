@@ -66,25 +66,26 @@ def make_diff(path_raw, path_tuned, path_diff, exact: bool = False, dtype: str =
         writer = ShardWriter(staging, plan, max_shard_size)
         for name in tqdm(names, desc="make_diff", unit="tensor"):
             raw_tensor, tuned_tensor = raw.get(name), tuned.get(name).to(device)
+            entry = {"raw_shape": list(raw_tensor.shape), "raw_dtype": _dtype_name(raw_tensor.dtype),
+                     "raw_sha256": tensor_sha256(raw_tensor), "dtype": _dtype_name(tuned_tensor.dtype)}
             added = tuned_tensor.shape[0] - raw_tensor.shape[0] if tuned_tensor.ndim else 0
+            # At most four copies of the tensor alive at once: raw, tuned, diff, recovered.
             if exact:
                 base = _extend_rows(raw_tensor.to(device, tuned_tensor.dtype), added, mean=False)
                 diff = _bits(tuned_tensor) ^ _bits(base)
-                recovered, error = tuned_tensor, 0.0
+                recovered_sha256, error = tensor_sha256(tuned_tensor.cpu()), 0.0
             else:
                 base = _extend_rows(raw_tensor.to(device, torch.float32), added, mean=True)
                 diff = (tuned_tensor.to(torch.float32) - base).to(diff_dtype)
-                recovered = (base + diff.to(torch.float32)).to(tuned_tensor.dtype)
-                error = (recovered.to(torch.float32) - tuned_tensor.to(torch.float32)).abs().max().item() if recovered.numel() else 0.0
+                recovered = base + diff.to(torch.float32)
+                recovered_sha256 = tensor_sha256(recovered.to(tuned_tensor.dtype).cpu())
+                error = recovered.sub_(tuned_tensor).abs_().max().item() if recovered.numel() else 0.0
+            del raw_tensor, base
             diff = diff.cpu()
             writer.write(name, diff)
-            manifest["tensors"][name] = {
-                "raw_shape": list(raw_tensor.shape), "raw_dtype": str(raw_tensor.dtype).removeprefix("torch."),
-                "raw_sha256": tensor_sha256(raw_tensor), "added_rows": added,
-                "dtype": str(tuned_tensor.dtype).removeprefix("torch."),
-                "diff_sha256": tensor_sha256(diff), "recovered_sha256": tensor_sha256(recovered.cpu()),
-                "max_abs_error": error,
-            }
+            entry.update(added_rows=added, diff_sha256=tensor_sha256(diff), recovered_sha256=recovered_sha256,
+                         max_abs_error=error)
+            manifest["tensors"][name] = entry
             max_error, total = max(max_error, error), total + diff.numel() * diff.element_size()
         writer.close()
         manifest["max_abs_error"] = max_error
@@ -169,6 +170,10 @@ def _extend_rows(tensor: torch.Tensor, added: int, mean: bool) -> torch.Tensor:
         return tensor
     extra = tensor.mean(dim=0, keepdim=True).expand(added, *tensor.shape[1:]) if mean else tensor.new_zeros(added, *tensor.shape[1:])
     return torch.cat([tensor, extra])
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:

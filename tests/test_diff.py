@@ -46,14 +46,19 @@ def make_tuned(raw: Path, out: Path, seed: int = 0, safe: bool = True) -> Path:
     return out
 
 
-def alpaca_make_diff(path_raw, path_tuned, path_diff):
-    """Alpaca's make_diff, as in its weight_diff.py (two fp32 models in memory)."""
-    tuned = AutoModelForCausalLM.from_pretrained(path_tuned, dtype=torch.float32)
+def alpaca_models(path_raw, path_other):
+    """Both models as Alpaca's weight_diff.py loads them: fp32, the raw one given '[PAD]' if it has no pad."""
+    other = AutoModelForCausalLM.from_pretrained(path_other, dtype=torch.float32)
     raw = AutoModelForCausalLM.from_pretrained(path_raw, dtype=torch.float32)
     raw_tokenizer = AutoTokenizer.from_pretrained(path_raw)
     if raw_tokenizer.pad_token is None:
         alpaca_resize(raw, raw_tokenizer)
-    tuned_state, raw_state = tuned.state_dict(), raw.state_dict()
+    return other, other.state_dict(), raw.state_dict()
+
+
+def alpaca_make_diff(path_raw, path_tuned, path_diff):
+    """Alpaca's make_diff (two fp32 models in memory)."""
+    tuned, tuned_state, raw_state = alpaca_models(path_raw, path_tuned)
     for key in tuned_state:
         tuned_state[key].add_(-raw_state[key])
     tuned.save_pretrained(path_diff)
@@ -62,12 +67,7 @@ def alpaca_make_diff(path_raw, path_tuned, path_diff):
 
 def alpaca_recover(path_raw, path_diff) -> dict[str, torch.Tensor]:
     """Alpaca's recover, returning the recovered state dict."""
-    raw = AutoModelForCausalLM.from_pretrained(path_raw, dtype=torch.float32)
-    recovered = AutoModelForCausalLM.from_pretrained(path_diff, dtype=torch.float32)
-    raw_tokenizer = AutoTokenizer.from_pretrained(path_raw)
-    if raw_tokenizer.pad_token is None:
-        alpaca_resize(raw, raw_tokenizer)
-    state, raw_state = recovered.state_dict(), raw.state_dict()
+    _, state, raw_state = alpaca_models(path_raw, path_diff)
     for key in state:
         state[key].add_(raw_state[key])
     return state
