@@ -54,6 +54,20 @@ def _join_flags(items: list[tuple[str, list[str]]]) -> list[str]:
     return [token for flag, values in items for token in (flag, *values)]
 
 
+def expand_strategy(argv: list[str]) -> list[str]:
+    """`--strategy NAME` → the DeepSpeed or FSDP flags of ds_configs/ it stands for."""
+    items = _split_flags(argv)
+    chosen = [values for flag, values in items if flag == "--strategy"]
+    if not chosen:
+        return argv
+    if len(chosen[-1]) != 1:
+        raise ConfigError("--strategy takes one name")
+    rest = [(flag, values) for flag, values in items if flag != "--strategy"]
+    if any(flag in ("--deepspeed", "--fsdp") for flag, _ in rest):
+        raise ConfigError("--strategy replaces --deepspeed and --fsdp: give one or the other")
+    return _join_flags(rest) + distributed.strategy_flags(chosen[-1][0])
+
+
 def translate_legacy_flags(argv: list[str]) -> list[str]:
     """Map Alpaca-era (transformers 4) flags to transformers 5, saying so once per flag."""
     items, layer_classes = [], []
@@ -125,14 +139,17 @@ def parse_train_args(argv: list[str]):
     from instructune.config import DataArguments, ModelArguments, TrainingArguments
 
     argv = expand_config_file(argv)
+    argv = expand_strategy(argv)
     argv = translate_legacy_flags(argv)
     argv = distributed.adjust_flags_for_device(argv)
     distributed.init_process_group_early(uses_deepspeed="--deepspeed" in argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     try:
-        return parser.parse_args_into_dataclasses(args=argv)
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # unknown flags, and TrainingArguments' own checks
         raise ConfigError(str(e).splitlines()[0]) from None
+    distributed.adjust_args_for_device(training_args)
+    return model_args, data_args, training_args
 
 
 def _setup_logging() -> None:
@@ -152,6 +169,7 @@ def run_training(argv: list[str], callbacks=None) -> int:
 
         HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="instructune train").print_help()
         print("\n  --config FILE         YAML file of the flags above (flags given after it override it)")
+        print(f"  --strategy NAME       one of {', '.join(distributed.STRATEGIES)} (ds_configs/)")
         return 0
     try:
         model_args, data_args, training_args = parse_train_args(argv)

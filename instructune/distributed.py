@@ -10,9 +10,33 @@ import logging
 import os
 import sys
 
+from pathlib import Path
+
 import torch
 
+from instructune.errors import ConfigError
+
 logger = logging.getLogger("instructune")
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+
+# --strategy NAME → the flags it stands for (the configs say when to pick which)
+STRATEGIES = {
+    "ddp": [],
+    "zero2": ["--deepspeed", "zero2.json"],
+    "zero2_offload": ["--deepspeed", "zero2_offload.json"],
+    "zero3": ["--deepspeed", "zero3.json"],
+    "zero3_offload": ["--deepspeed", "zero3_offload.json"],
+    "fsdp": ["--fsdp", "full_shard auto_wrap", "--fsdp_config", "fsdp_full_shard.json"],
+    "fsdp_offload": ["--fsdp", "full_shard auto_wrap offload", "--fsdp_config", "fsdp_full_shard_offload.json"],
+}
+
+
+def strategy_flags(name: str) -> list[str]:
+    if name not in STRATEGIES:
+        raise ConfigError(f"--strategy {name}: unknown; choose one of {', '.join(STRATEGIES)}")
+    return [str(CONFIG_DIR / value) if value.endswith(".json") else value for value in STRATEGIES[name]]
 
 
 def main_process() -> bool:
@@ -44,6 +68,16 @@ def adjust_flags_for_device(argv: list[str]) -> list[str]:
         else:
             logger.info("no GPU: training on the CPU")
     return argv
+
+
+def adjust_args_for_device(args) -> None:
+    """After parsing: DeepSpeed with optimizer offload keeps torch's AdamW on a CPU-only machine.
+
+    Accelerate would swap in DeepSpeedCPUAdam, a C++ extension that g++ builds on first use (35 s,
+    2 GB of compiler memory) to do on the CPU what torch's AdamW already does there.
+    """
+    if on_cpu() and args.deepspeed:
+        args.hf_deepspeed_config.config["zero_force_ds_cpu_optimizer"] = False
 
 
 def init_process_group_early(uses_deepspeed: bool) -> None:

@@ -1,11 +1,13 @@
 """Export stage: the trained model as a plain Hugging Face folder, plus what the run did.
 
 `trainer.save_model` writes weights (sharded safetensors), config, generation config and tokenizer;
-it is the one save that is right under ZeRO-3 and FSDP. Beside it go `train_results.json` (metrics,
+it is the one save that is right under ZeRO-3 and FSDP (Alpaca's `state_dict()` save writes empty
+tensors under ZeRO-3), and where ZeRO-3 saves only its shards they are consolidated here. Beside it go `train_results.json` (metrics,
 world size, strategy, data statistics, the loss history) and `loss_curve.png`.
 """
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,6 +32,8 @@ def save_model_folder(trainer, metrics: dict, data_stats: EncodeStats) -> None:
     if not trainer.is_world_process_zero():
         return
     output_dir = Path(trainer.args.output_dir)
+    if trainer.is_deepspeed_enabled and not any(output_dir.glob("model*.safetensors")):
+        consolidate_zero_checkpoint(trainer, output_dir)
     losses = loss_history(trainer)
     summary = {
         "metrics": metrics,
@@ -42,6 +46,22 @@ def save_model_folder(trainer, metrics: dict, data_stats: EncodeStats) -> None:
     (output_dir / "train_results.json").write_text(json.dumps(summary, indent=2) + "\n")
     if losses:
         plot_loss_curve(losses, output_dir / "loss_curve.png")
+
+
+def consolidate_zero_checkpoint(trainer, output_dir: Path) -> None:
+    """ZeRO-3 without stage3_gather_16bit_weights_on_model_save (Alpaca's own offload config) saves
+    only the sharded DeepSpeed checkpoint; turn it into the fp32 Hugging Face folder users expect.
+
+    DeepSpeed's zero_to_fp32 reads the shards; save_pretrained writes them (it knows which weights are
+    tied, which DeepSpeed's own safetensors writer trips over).
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(output_dir))
+    trainer._save(str(output_dir), state_dict=state_dict)
+    for leftover in ("latest", "zero_to_fp32.py", "zero_to_torch.py", *(p.name for p in output_dir.glob("global_step*"))):
+        path = output_dir / leftover
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def plot_loss_curve(losses: list[dict], path: Path) -> None:
