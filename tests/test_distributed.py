@@ -1,16 +1,23 @@
-"""torchrun with 2 processes on the CPU (gloo): really data-parallel, same weights on both ranks, the loss
-falls and the saved folder loads. Each test launches one 2-process job; they run one after another."""
+"""2 processes on the CPU (gloo), one job at a time: each strategy really is that strategy, the loss falls,
+the saved folder loads, and DDP, ZeRO-2, ZeRO-3 and FSDP end with the same weights (fp32, same seed).
+Launchers: torchrun, the deepspeed launcher, and torchrun as 2 nodes on loopback."""
 
 import json
+import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, SAMPLE_DATA, run_command
+from transformers import AutoModelForCausalLM
+
+from conftest import PYTHON, REPO, run_command
 from test_train import check_model_folder, tiny_run_flags
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+WRAPPERS = {"ddp": "DistributedDataParallel", "zero2": "DeepSpeedEngine", "zero3": "DeepSpeedEngine", "fsdp": "FSDP"}
+STRATEGY_NAMES = {"ddp": "ddp", "zero2": "deepspeed-zero2", "zero3": "deepspeed-zero3", "fsdp": "fsdp"}
 
 # Stanford Alpaca's README command, adapted only by paths and sizes (tf32 and all).
 ALPACA_FLAGS = [
@@ -19,37 +26,118 @@ ALPACA_FLAGS = [
     "--save_steps", "2000", "--save_total_limit", "1", "--weight_decay", "0.", "--warmup_ratio", "0.03",
     "--lr_scheduler_type", "cosine", "--logging_steps", "1", "--tf32", "True",
 ]
+_ports = iter(range(29510, 29600))
 
 
-def torchrun(script: str, *args: str, port: int):
+def torchrun(script: str, *args: str) -> subprocess.CompletedProcess:
     return run_command(
-        [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), script, *args]
+        [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(next(_ports)), script, *args]
     )
 
 
-def test_torchrun_ddp_trains_data_parallel_with_identical_ranks(tiny_llama, tmp_path):
-    output_dir = tmp_path / "out"
-    result = torchrun(
-        "tests/helpers/train_and_dump.py", str(tmp_path), *tiny_run_flags(tiny_llama, output_dir), port=29511
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = check_model_folder(output_dir, world_size=2)
-    assert summary["strategy"] == "ddp" and summary["model_wrapper"] == "DistributedDataParallel"
-    # 40 steps of 8 records on each of 2 ranks: twice the data of one process
-    assert summary["metrics"]["epoch"] == pytest.approx(40 * 8 * 2 / 125, rel=0.05)
-    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
-    assert rank0.keys() == rank1.keys()
-    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+def weights(folder) -> dict[str, torch.Tensor]:
+    """The model's weights as loaded (a DeepSpeed save also stores the tied lm_head; loading unties nothing)."""
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
 
 
-def test_alpaca_fsdp_command_trains_with_real_fsdp(tiny_llama, tmp_path):
-    output_dir = tmp_path / "out"
-    flags = tiny_run_flags(tiny_llama, output_dir) + ALPACA_FLAGS + [
-        "--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
-    ]
-    result = torchrun("train.py", *flags, port=29512)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "--evaluation_strategy is --eval_strategy" in result.stderr
-    assert "--tf32 ignored" in result.stderr
-    summary = check_model_folder(output_dir, world_size=2)
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[name] - b[name]).abs().max().item() for name in a)
+
+
+# Runs compared with DDP are short and gentle: Adam turns reduction-order round-off (1e-7) in near-zero
+# gradients into lr-sized steps, so long runs at a high rate drift apart without anything being wrong.
+def equivalence_flags(model, output_dir) -> list[str]:
+    return tiny_run_flags(model, output_dir, steps=16, learning_rate=1e-3)
+
+
+def train_with(model, output_dir, *flags, launcher=torchrun) -> dict:
+    result = launcher("train.py", *equivalence_flags(model, output_dir), *flags)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return check_model_folder(output_dir, world_size=2, loss_drop=0.2)
+
+
+@pytest.fixture(scope="module")
+def ddp_weights(tmp_path_factory, tiny_llama, tiny_opt):
+    """The DDP run of each tiny model (the reference), checked to be data-parallel with identical ranks."""
+    runs = {}
+    for name, model in (("llama", tiny_llama), ("opt", tiny_opt)):
+        work = tmp_path_factory.mktemp(f"ddp-{name}")
+        result = torchrun("tests/helpers/train_and_dump.py", str(work), *equivalence_flags(model, work / "out"))
+        assert result.returncode == 0, result.stderr[-4000:]
+        summary = check_model_folder(work / "out", world_size=2, loss_drop=0.2)
+        assert summary["strategy"] == "ddp" and summary["model_wrapper"] == "DistributedDataParallel"
+        assert summary["metrics"]["epoch"] == pytest.approx(16 * 8 * 2 / 125, rel=0.05)  # twice one process's data
+        rank0, rank1 = load_file(work / "rank0.safetensors"), load_file(work / "rank1.safetensors")
+        assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[n], rank1[n]) for n in rank0)
+        runs[name] = weights(work / "out")
+    return runs
+
+
+@pytest.mark.parametrize("model_name", ["llama", "opt"])
+@pytest.mark.parametrize("strategy", ["zero2", "zero3", "fsdp"])
+def test_strategies_train_the_same_model(strategy, model_name, ddp_weights, request, tmp_path):
+    model = request.getfixturevalue(f"tiny_{model_name}")
+    summary = train_with(model, tmp_path / "out", "--strategy", strategy)
+    assert summary["strategy"] == STRATEGY_NAMES[strategy]
+    assert summary["model_wrapper"].startswith(WRAPPERS[strategy])
+    assert max_difference(weights(tmp_path / "out"), ddp_weights[model_name]) < 1e-5
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2_offload", "zero3_offload", "fsdp_offload"])
+def test_bf16_and_gradient_checkpointing(strategy, tiny_llama, tmp_path):
+    summary = train_with(tiny_llama, tmp_path / "out", "--strategy", strategy, "--bf16", "True",
+                         "--gradient_checkpointing", "True")
+    family = strategy.removesuffix("_offload")
+    assert summary["strategy"] == STRATEGY_NAMES[family] and summary["model_wrapper"].startswith(WRAPPERS[family])
+
+
+def test_alpaca_fsdp_command(tiny_llama, tmp_path):
+    flags = ALPACA_FLAGS + ["--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"]
+    result = torchrun("train.py", *tiny_run_flags(tiny_llama, tmp_path / "out"), *flags)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "--evaluation_strategy is --eval_strategy" in result.stderr and "--tf32 ignored" in result.stderr
+    summary = check_model_folder(tmp_path / "out", world_size=2)
     assert summary["strategy"] == "fsdp" and summary["model_wrapper"].startswith("FSDP")
+
+
+def test_zero3_without_gathered_save_is_consolidated(ddp_weights, tiny_llama, tmp_path):
+    """Alpaca's own offload config does not gather weights on save; the output is a full folder all the same."""
+    config = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
+    config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    (tmp_path / "z3.json").write_text(json.dumps(config))
+    summary = train_with(tiny_llama, tmp_path / "out", "--deepspeed", str(tmp_path / "z3.json"))
+    assert summary["strategy"] == "deepspeed-zero3"
+    assert not list((tmp_path / "out").glob("global_step*")) and not (tmp_path / "out" / "latest").exists()
+    assert max_difference(weights(tmp_path / "out"), ddp_weights["llama"]) < 1e-5
+
+
+def deepspeed_launcher(script: str, *args: str) -> subprocess.CompletedProcess:
+    deepspeed = str(REPO / ".venv" / "bin" / "deepspeed") if (REPO / ".venv" / "bin" / "deepspeed").exists() else "deepspeed"
+    return run_command([deepspeed, "--num_gpus", "2", "--master_port", str(next(_ports)), script, *args],
+                       DS_ACCELERATOR="cpu")
+
+
+def test_deepspeed_launcher(ddp_weights, tiny_llama, tmp_path):
+    summary = train_with(tiny_llama, tmp_path / "out", "--strategy", "zero3", launcher=deepspeed_launcher)
+    assert summary["strategy"] == "deepspeed-zero3"
+    assert max_difference(weights(tmp_path / "out"), ddp_weights["llama"]) < 1e-5
+
+
+def test_two_nodes_on_loopback(ddp_weights, tiny_llama, tmp_path):
+    port = str(next(_ports))
+    nodes = [
+        subprocess.Popen(
+            [PYTHON, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
+             "--master_addr", "127.0.0.1", "--master_port", port, "train.py",
+             *equivalence_flags(tiny_llama, tmp_path / "out")],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        )
+        for rank in (0, 1)
+    ]
+    errors = [node.communicate(timeout=600)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+    summary = check_model_folder(tmp_path / "out", world_size=2, loss_drop=0.2)
+    assert summary["strategy"] == "ddp"
+    assert max_difference(weights(tmp_path / "out"), ddp_weights["llama"]) < 1e-5
