@@ -17,8 +17,6 @@ Alpaca's own diff folders (no manifest) are recovered the way Alpaca's weight_di
 
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from instructune.errors import UserError
-from instructune.tensorio import ShardWriter, TensorFolder, copy_non_weight_files, tensor_sha256
+from instructune.tensorio import ShardWriter, TensorFolder, atomic_folder, copy_model_files, tensor_sha256
 
 logger = logging.getLogger("instructune")
 
@@ -62,7 +60,7 @@ def make_diff(path_raw, path_tuned, path_diff, exact: bool = False, dtype: str =
     manifest = {"format": "instructune-weight-diff", "version": 1, "encoding": encoding,
                 "model_type": _model_type(tuned.path), "tensors": {}}
     max_error, total = 0.0, 0
-    with _atomic_folder(Path(path_diff)) as staging:
+    with atomic_folder(Path(path_diff)) as staging:
         writer = ShardWriter(staging, plan, max_shard_size)
         for name in tqdm(names, desc="make_diff", unit="tensor"):
             raw_tensor, tuned_tensor = raw.get(name), tuned.get(name).to(device)
@@ -89,7 +87,7 @@ def make_diff(path_raw, path_tuned, path_diff, exact: bool = False, dtype: str =
             max_error, total = max(max_error, error), total + diff.numel() * diff.element_size()
         writer.close()
         manifest["max_abs_error"] = max_error
-        copy_non_weight_files(tuned.path, staging, skip=("training_args.bin", MANIFEST))
+        copy_model_files(tuned.path, staging)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return DiffReport(len(names), total, max_error)
 
@@ -113,7 +111,7 @@ def recover(path_raw, path_diff, path_tuned=None, device: str = "cpu", expected_
     plan = [(n, diff.tensors[n].shape, recovered_dtype(n)) for n in names]
     exact = bool(manifest) and manifest["encoding"] == "exact"
     weight_sum, total = torch.zeros((), dtype=torch.float32), 0
-    with _atomic_folder(Path(path_tuned) if path_tuned else None) as staging:
+    with atomic_folder(Path(path_tuned) if path_tuned else None) as staging:
         writer = ShardWriter(staging, plan, "2GB") if staging else None
         for name in tqdm(names, desc="recover", unit="tensor"):
             delta = diff.get(name)
@@ -141,7 +139,7 @@ def recover(path_raw, path_diff, path_tuned=None, device: str = "cpu", expected_
             )
         if writer:
             writer.close()
-            copy_non_weight_files(diff.path, staging, skip=(MANIFEST,))
+            copy_model_files(diff.path, staging)
     return DiffReport(len(names), total, manifest["max_abs_error"] if manifest else float("nan"), weight_sum.item())
 
 
@@ -189,29 +187,3 @@ def _check_same_architecture(raw: Path, other: Path) -> None:
     raw_type, other_type = _model_type(raw), _model_type(other)
     if raw_type and other_type and raw_type != other_type:
         raise UserError(f"mismatched architectures: {raw} is {raw_type!r}, {other} is {other_type!r}")
-
-
-class _atomic_folder:
-    """A staging folder beside `target`, renamed to it only when the block succeeds; removed otherwise."""
-
-    def __init__(self, target: Path | None):
-        self.target = target
-        self.staging = None
-
-    def __enter__(self) -> Path | None:
-        if self.target is None:
-            return None
-        if self.target.exists():
-            raise UserError(f"{self.target}: already exists; choose a new folder")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
-        return self.staging
-
-    def __exit__(self, error_type, error, traceback) -> None:
-        if self.staging is None:
-            return
-        if error_type is None:
-            self.staging.chmod(0o755)
-            self.staging.rename(self.target)
-        else:
-            shutil.rmtree(self.staging, ignore_errors=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from transformers import DataCollatorForSeq2Seq, TrainerCallback
 
 from instructune import models
+from instructune.checkpoint import resume
 from instructune.config import DataArguments, ModelArguments, TrainingArguments
 from instructune.data import IGNORE_INDEX, EncodeStats, encode_records, load_records
 from instructune.errors import DataError
@@ -24,6 +25,16 @@ class TrainOutcome:
     metrics: dict
     data: EncodeStats
     losses: list[float]
+
+
+def resume_point(args: TrainingArguments) -> str | None:
+    """--resume_from_checkpoint PATH as given; 'auto': the newest complete checkpoint in output_dir, if any."""
+    if args.resume_from_checkpoint != "auto":
+        return args.resume_from_checkpoint
+    latest = resume.latest_complete(args.output_dir)
+    logger.info("resuming from %s" if latest else "no complete checkpoint in %s: starting from the beginning",
+                latest or args.output_dir)
+    return str(latest) if latest else None
 
 
 def train(
@@ -70,7 +81,7 @@ def train(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume_point(training_args))
 
     # 5. Export: a Hugging Face folder and the run summary.
     save_model_folder(trainer, result.metrics, stats)

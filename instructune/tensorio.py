@@ -11,7 +11,9 @@ ordinary safetensors shards with a standard `model.safetensors.index.json`.
 import hashlib
 import json
 import re
+import shutil
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,6 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
 
 
 def parse_size(size: str | int) -> int:
@@ -186,10 +187,45 @@ class ShardWriter:
             (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def copy_non_weight_files(source: Path, destination: Path, skip: tuple[str, ...] = ()) -> None:
-    """Config, generation config, tokenizer files…: every plain file of `source` that is not weights."""
-    import shutil
+# The files of a Hugging Face model folder besides its weights: config, generation config, tokenizer.
+MODEL_FILES = re.compile(
+    r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*"
+    r"|merges\.txt|chat_template\.(jinja|json)|.*\.model|preprocessor_config\.json)$"
+)
 
+
+def copy_model_files(source: Path, destination: Path) -> None:
+    """Copy config, generation config and tokenizer files (not weights, optimizer or training state)."""
     for file in sorted(source.iterdir()):
-        if file.is_file() and not WEIGHT_FILE.match(file.name) and file.name not in skip:
+        if file.is_file() and MODEL_FILES.match(file.name):
             shutil.copy2(file, destination / file.name)
+
+
+class atomic_folder:
+    """A staging folder beside `target`, renamed to it only when the block succeeds; removed otherwise.
+
+    Readers never see a half-written model: until the rename it is a hidden `.NAME.partial-*` folder.
+    With target None (a dry run) the block gets None and nothing is written.
+    """
+
+    def __init__(self, target: Path | None):
+        self.target = target
+        self.staging = None
+
+    def __enter__(self) -> Path | None:
+        if self.target is None:
+            return None
+        if self.target.exists():
+            raise UserError(f"{self.target}: already exists; choose a new folder")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
+        return self.staging
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if self.staging is None:
+            return
+        if error_type is None:
+            self.staging.chmod(0o755)
+            self.staging.rename(self.target)
+        else:
+            shutil.rmtree(self.staging, ignore_errors=True)

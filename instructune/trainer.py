@@ -1,10 +1,13 @@
-"""The Hugging Face Trainer, with the two things it lacks here: real FSDP on the CPU, and sharded saves."""
+"""The Hugging Face Trainer, with what it lacks here: real FSDP on the CPU, sharded saves, and
+checkpoints that count only once complete."""
 
 import functools
+from pathlib import Path
 
 from transformers import Trainer
 
 from instructune import distributed
+from instructune.checkpoint import resume
 
 
 class InstructTrainer(Trainer):
@@ -23,3 +26,17 @@ class InstructTrainer(Trainer):
             super()._save(output_dir, state_dict=state_dict)
         finally:
             del model.save_pretrained
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # The Trainer rotates old checkpoints as soon as the main process has written the new one,
+        # while other ranks may still be writing theirs; rotation waits for completion here.
+        keep, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = keep
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            resume.mark_complete(folder)
+            resume.rotate(folder.parent, keep, self.state.best_model_checkpoint)

@@ -3,6 +3,7 @@ the saved folder loads, and DDP, ZeRO-2, ZeRO-3 and FSDP end with the same weigh
 Launchers: torchrun, the deepspeed launcher, and torchrun as 2 nodes on loopback."""
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -125,19 +126,20 @@ def test_deepspeed_launcher(ddp_weights, tiny_llama, tmp_path):
 
 
 def test_two_nodes_on_loopback(ddp_weights, tiny_llama, tmp_path):
-    port = str(next(_ports))
+    """scripts/launch_torchrun.sh started on 2 'nodes' (1 process each), rendezvous on 127.0.0.1."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(next(_ports)),
+                   "NNODES": "2", "NPROC_PER_NODE": "1", "PYTHON": PYTHON}
     nodes = [
-        subprocess.Popen(
-            [PYTHON, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
-             "--master_addr", "127.0.0.1", "--master_port", port, "train.py",
-             *equivalence_flags(tiny_llama, tmp_path / "out")],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
-        )
-        for rank in (0, 1)
+        subprocess.Popen(["bash", "scripts/launch_torchrun.sh", *equivalence_flags(tiny_llama, tmp_path / "out")],
+                         cwd=REPO, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
     ]
     errors = [node.communicate(timeout=600)[1] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
     summary = check_model_folder(tmp_path / "out", world_size=2, loss_drop=0.2)
     assert summary["strategy"] == "ddp"
     assert max_difference(weights(tmp_path / "out"), ddp_weights["llama"]) < 1e-5
+
+
+def test_slurm_script_is_valid_bash():
+    assert run_command(["bash", "-n", "scripts/train.slurm"]).returncode == 0

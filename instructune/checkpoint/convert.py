@@ -1,0 +1,64 @@
+"""DeepSpeed ZeRO-2/3 and FSDP sharded checkpoints → a complete Hugging Face folder.
+
+DeepSpeed's own zero_to_fp32 reads ZeRO shards (lazily: one consolidated tensor at a time), torch's
+distributed-checkpoint tools read FSDP's; the folder is written tensor by tensor with the config
+and tokenizer that the Trainer saved beside the checkpoint (zero_to_fp32's output has no
+config.json), and tied weights stored once (DeepSpeed's safetensors writer fails on them).
+"""
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from instructune.checkpoint.shard import write_model_folder
+from instructune.errors import UserError
+
+
+def convert_checkpoint(checkpoint: str | Path, destination: str | Path, dtype: str = "fp32",
+                       max_shard_size: str = "5GB") -> int:
+    """Returns the number of tensors written."""
+    checkpoint = Path(checkpoint)
+    config_source = next((p for p in (checkpoint, checkpoint.parent) if (p / "config.json").exists()), None)
+    if config_source is None:
+        raise UserError(f"{checkpoint}: no config.json in the checkpoint folder or beside it")
+    if (checkpoint / "latest").exists() or any(checkpoint.glob("global_step*")):
+        state = _deepspeed_state(checkpoint)
+    elif any(checkpoint.glob("pytorch_model_fsdp_*")):
+        state = _fsdp_state(next(checkpoint.glob("pytorch_model_fsdp_*")))
+    else:
+        raise UserError(f"{checkpoint}: not a DeepSpeed ZeRO checkpoint (latest, global_step*) or an FSDP sharded one")
+    tied = _tied_duplicates(config_source)
+    tensors = [(name, tuple(v.shape), v.dtype, v.contiguous) for name, v in state.items() if name not in tied]
+    write_model_folder(tensors, Path(destination), config_source, max_shard_size, dtype)
+    return len(tensors)
+
+
+def _deepspeed_state(checkpoint: Path) -> dict:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = None if (checkpoint / "latest").exists() else sorted(checkpoint.glob("global_step*"))[-1].name
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag, lazy_mode=True)
+
+
+def _fsdp_state(shards: Path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as work:
+        dcp_to_torch_save(shards, Path(work) / "state.pt")
+        state = torch.load(Path(work) / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+    return state.get("model", state)  # Accelerate saves {"model": state_dict}
+
+
+def _tied_duplicates(config_source: Path) -> set[str]:
+    """Names that are a second name of another parameter (a tied lm_head), from the model built on 'meta'."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_source))
+    first_name, duplicates = {}, set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first_name:
+            duplicates.add(name)
+        first_name.setdefault(id(parameter), name)
+    return duplicates

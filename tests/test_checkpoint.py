@@ -1,0 +1,84 @@
+"""`instructune shard` and `instructune convert`: re-sharding is bitwise, and ZeRO-2/3 checkpoints convert to a
+Hugging Face folder equal to the trained fp32 weights, for LLaMA and OPT (tied embeddings)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from instructune.checkpoint.shard import reshard
+from instructune.errors import UserError
+from instructune.generate import answer
+from instructune.tensorio import TensorFolder
+
+from conftest import PYTHON, run_command
+from test_train import tiny_run_flags
+
+
+def tensors(folder) -> dict[str, torch.Tensor]:
+    reader = TensorFolder(folder)
+    return {name: reader.get(name) for name in reader.names()}
+
+
+def test_reshard_bin_to_safetensors_and_back_bitwise(tiny_opt, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_opt)
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)  # pytorch_model.bin, read with weights_only
+    original = tensors(tmp_path / "bin")
+    assert reshard(tmp_path / "bin", tmp_path / "sharded", max_shard_size="100KB") == len(original)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    reshard(tmp_path / "sharded", tmp_path / "single", max_shard_size="1GB")
+    assert (tmp_path / "single" / "model.safetensors").exists()
+    for folder in ("sharded", "single"):
+        assert all(torch.equal(t, original[n]) for n, t in tensors(tmp_path / folder).items())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "single")
+    assert all(torch.equal(p, model.state_dict()[n]) for n, p in reloaded.state_dict().items())
+
+
+def test_reshard_to_bf16(tiny_llama, tmp_path):
+    result = run_command([PYTHON, "-m", "instructune.cli", "shard", str(tiny_llama), str(tmp_path / "bf16"),
+                          "--dtype", "bf16", "--max_shard_size", "200KB"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    original = tensors(tiny_llama)
+    assert all(torch.equal(t, original[n].to(torch.bfloat16)) for n, t in tensors(tmp_path / "bf16").items())
+    assert (tmp_path / "bf16" / "tokenizer.json").exists()
+
+
+def test_convert_refuses_what_it_cannot_read(tiny_llama, tmp_path):
+    with pytest.raises(UserError, match="not a DeepSpeed ZeRO checkpoint"):
+        from instructune.checkpoint.convert import convert_checkpoint
+
+        convert_checkpoint(tiny_llama, tmp_path / "out")
+    result = run_command([PYTHON, "-m", "instructune.cli", "convert", str(tmp_path), str(tmp_path / "out")])
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("model_name", ["llama", "opt"])
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_zero_checkpoint_converts_to_the_trained_weights(strategy, model_name, request, tmp_path):
+    model = request.getfixturevalue(f"tiny_{model_name}")
+    port = 29800 + 2 * ["zero2", "zero3"].index(strategy) + ["llama", "opt"].index(model_name)
+    trained = run_command([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                           "train.py", *tiny_run_flags(model, tmp_path / "out", steps=8), "--strategy", strategy,
+                           "--save_strategy", "steps", "--save_steps", "8"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    checkpoint = tmp_path / "out" / "checkpoint-8"
+    assert (checkpoint / "global_step8").is_dir()
+    converted = run_command(["bash", "scripts/zero_to_hf.sh", str(checkpoint), str(tmp_path / "hf"),
+                             "--max_shard_size", "200KB"])
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    # fp32 training: the final model is the fp32 master weights, which the checkpoint holds
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert all(torch.equal(p, expected[n]) for n, p in loaded.state_dict().items())
+    if model_name == "opt":  # tied: stored once, still tied after loading
+        assert "lm_head.weight" not in tensors(tmp_path / "hf")
+        assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    from transformers import AutoTokenizer
+
+    assert isinstance(answer(loaded, AutoTokenizer.from_pretrained(tmp_path / "hf"), "Say hi.", max_new_tokens=4), str)

@@ -1,0 +1,99 @@
+"""Crash-safe checkpoints: a job killed with SIGKILL after a checkpoint, or in the middle of saving one,
+resumes with `--resume_from_checkpoint auto` and ends with the weights and losses of an uninterrupted run."""
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from instructune.checkpoint import resume
+
+from conftest import PYTHON, REPO, run_command
+from test_train import tiny_run_flags
+
+
+def _make_checkpoints(root, steps_complete, steps_incomplete):
+    for step in steps_complete + steps_incomplete:
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        if step in steps_complete:
+            resume.mark_complete(root / f"checkpoint-{step}")
+
+
+def test_latest_complete_skips_incomplete_checkpoints(tmp_path, caplog):
+    caplog.set_level("INFO", logger="instructune")
+    _make_checkpoints(tmp_path, [4, 8], [12])
+    assert resume.latest_complete(tmp_path) == tmp_path / "checkpoint-8"
+    assert "skipping" in caplog.text and "checkpoint-12" in caplog.text
+    assert resume.latest_complete(tmp_path / "missing") is None
+
+
+def test_rotation_never_deletes_the_last_good_checkpoint(tmp_path):
+    _make_checkpoints(tmp_path, [4, 8], [12])
+    resume.rotate(tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-12", "checkpoint-8"]
+    _make_checkpoints(tmp_path / "b", [4, 12], [8])
+    resume.rotate(tmp_path / "b", keep=1, protect=str(tmp_path / "b" / "checkpoint-4"))
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint-12", "checkpoint-4"]
+
+
+STEPS, SAVE_EVERY = 12, 4
+
+
+def flags(model, output_dir, *extra):
+    return [*tiny_run_flags(model, output_dir, steps=STEPS, learning_rate=1e-3), "--save_strategy", "steps",
+            "--save_steps", str(SAVE_EVERY), "--save_total_limit", "1", *extra]
+
+
+def launch(script, args, port, **env):
+    command = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), script, *args]
+    return subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+                          capture_output=True, text=True, timeout=600, start_new_session=True)
+
+
+def final_state(output_dir):
+    model = AutoModelForCausalLM.from_pretrained(output_dir, dtype=torch.float32)
+    losses = [e["loss"] for e in json.loads((output_dir / "train_results.json").read_text())["losses"]]
+    return model.state_dict(), losses
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "strategy, kill_when, tolerance",
+    [("ddp", "after_save", 0.0), ("ddp", "during_save", 0.0), ("zero2", "during_save", 1e-6),
+     ("zero3", "during_save", 1e-6), ("fsdp", "during_save", 1e-6)],
+)
+def test_killed_job_resumes_to_the_same_result(strategy, kill_when, tolerance, tiny_llama, tmp_path):
+    port = 29700 + 10 * ["ddp", "zero2", "zero3", "fsdp"].index(strategy) + 5 * (kill_when == "after_save")
+    extra = ["--strategy", strategy]
+    reference = launch("train.py", flags(tiny_llama, tmp_path / "reference", *extra), port)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "interrupted"
+    killed = launch("tests/helpers/train_and_kill.py", flags(tiny_llama, out, *extra), port + 1,
+                    KILL_AT_STEP="8", KILL_WHEN=kill_when)
+    assert killed.returncode != 0 and not (out / "train_results.json").exists()
+    expected_resume = "checkpoint-8" if kill_when == "after_save" else "checkpoint-4"
+    assert resume.latest_complete(out).name == expected_resume
+    if kill_when == "during_save":  # the half-written checkpoint is there, unmarked
+        assert (out / "checkpoint-8").exists() and not resume.is_complete(out / "checkpoint-8")
+
+    resumed = launch("train.py", flags(tiny_llama, out, *extra, "--resume_from_checkpoint", "auto"), port + 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {out / expected_resume}" in resumed.stderr
+    if kill_when == "during_save":
+        assert "skipping" in resumed.stderr
+
+    expected_weights, expected_losses = final_state(tmp_path / "reference")
+    weights, losses = final_state(out)
+    for name, tensor in expected_weights.items():
+        if tolerance == 0.0:
+            assert torch.equal(weights[name], tensor), name
+        else:
+            assert (weights[name] - tensor).abs().max() <= tolerance, name
+    resumed_from = int(expected_resume.split("-")[1])
+    assert losses[resumed_from:] == pytest.approx(expected_losses[resumed_from:], abs=tolerance * 10)
+    assert [p.name for _, p in resume.checkpoints(out)] == [f"checkpoint-{STEPS}"]  # save_total_limit 1
