@@ -28,8 +28,7 @@ def convert_checkpoint(checkpoint: str | Path, destination: str | Path, dtype: s
         state = _fsdp_state(next(checkpoint.glob("pytorch_model_fsdp_*")))
     else:
         raise UserError(f"{checkpoint}: not a DeepSpeed ZeRO checkpoint (latest, global_step*) or an FSDP sharded one")
-    tied = _tied_duplicates(config_source)
-    tensors = [(name, tuple(v.shape), v.dtype, v.contiguous) for name, v in state.items() if name not in tied]
+    tensors = [(name, tuple(v.shape), v.dtype, v.contiguous) for name, v in _without_tied_duplicates(state).items()]
     write_model_folder(tensors, Path(destination), config_source, max_shard_size, dtype)
     return len(tensors)
 
@@ -50,15 +49,13 @@ def _fsdp_state(shards: Path) -> dict:
     return state.get("model", state)  # Accelerate saves {"model": state_dict}
 
 
-def _tied_duplicates(config_source: Path) -> set[str]:
-    """Names that are a second name of another parameter (a tied lm_head), from the model built on 'meta'."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_source))
-    first_name, duplicates = {}, set()
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        if id(parameter) in first_name:
-            duplicates.add(name)
-        first_name.setdefault(id(parameter), name)
-    return duplicates
+def _without_tied_duplicates(state: dict) -> dict:
+    """Tied weights (an lm_head sharing the input embedding) reach us as one object under two names;
+    keep the first name, as save_pretrained does."""
+    seen, kept = set(), {}
+    for name, value in state.items():
+        key = value.data_ptr() if isinstance(value, torch.Tensor) else id(value)
+        if key not in seen:
+            seen.add(key)
+            kept[name] = value
+    return kept
