@@ -38,5 +38,20 @@ class InstructTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            if not (folder / "config.json").exists():  # sharded FSDP/ZeRO checkpoints: make them convertible
+                model = self.accelerator.unwrap_model(self.model)
+                model.config.save_pretrained(folder)
+                if model.generation_config is not None:
+                    model.generation_config.save_pretrained(folder)
+                self.processing_class.save_pretrained(folder)
             resume.mark_complete(folder)
             resume.rotate(folder.parent, keep, self.state.best_model_checkpoint)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Under FSDP with SHARDED_STATE_DICT the Trainer's save_model writes no weights at all; the
+        # final model is gathered into a full state dict (every rank joins, rank 0 writes).
+        fsdp_sharded = self.is_fsdp_enabled and "FULL" not in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+        if fsdp_sharded and not _internal_call:
+            self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+        else:
+            super().save_model(output_dir, _internal_call)

@@ -12,7 +12,7 @@ from instructune.errors import UserError
 from instructune.generate import answer
 from instructune.tensorio import TensorFolder
 
-from conftest import PYTHON, run_command
+from conftest import PYTHON, REPO, run_command
 from test_train import tiny_run_flags
 
 
@@ -82,3 +82,25 @@ def test_zero_checkpoint_converts_to_the_trained_weights(strategy, model_name, r
     from transformers import AutoTokenizer
 
     assert isinstance(answer(loaded, AutoTokenizer.from_pretrained(tmp_path / "hf"), "Say hi.", max_new_tokens=4), str)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp_sharded_checkpoint_converts_and_final_model_is_saved(tiny_llama, tmp_path):
+    """With state_dict_type SHARDED_STATE_DICT the Trainer alone saves no final weights; ours does, and the
+    sharded checkpoint (torch distributed-checkpoint format) converts to the same weights."""
+    fsdp_config = json.loads((REPO / "ds_configs" / "fsdp_full_shard.json").read_text())
+    fsdp_config["state_dict_type"] = "SHARDED_STATE_DICT"
+    (tmp_path / "fsdp.json").write_text(json.dumps(fsdp_config))
+    trained = run_command([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29810",
+                           "train.py", *tiny_run_flags(tiny_llama, tmp_path / "out", steps=8), "--fsdp",
+                           "full_shard auto_wrap", "--fsdp_config", str(tmp_path / "fsdp.json"),
+                           "--save_strategy", "steps", "--save_steps", "8"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    checkpoint = tmp_path / "out" / "checkpoint-8"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "config.json").exists()
+    converted = run_command([PYTHON, "-m", "instructune.cli", "convert", str(checkpoint), str(tmp_path / "hf")])
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).state_dict()
+    assert final.keys() == loaded.keys() and all(torch.equal(loaded[n], final[n]) for n in final)
