@@ -1,5 +1,6 @@
-"""Where training runs: the adjustments that make the Trainer really distribute on a CPU-only machine,
-and a clean process exit. Every CPU-only workaround lives here (see shared notes cpu-distributed.md).
+"""Where and how training is distributed: the strategies behind --strategy, the adjustments that make
+the Trainer really distribute on a CPU-only machine, and a clean process exit. Every CPU-only
+workaround lives here (see the shared notes, cpu-distributed.md).
 
 Without them, on a machine with no GPU the Trainer silently trains each torchrun rank alone,
 DeepSpeed ZeRO-3 fails inside from_pretrained, FSDP silently falls back to DDP, and gloo runs abort
@@ -9,7 +10,6 @@ at interpreter exit now and then. Each function says when it can go.
 import logging
 import os
 import sys
-
 from pathlib import Path
 
 import torch
@@ -17,7 +17,6 @@ import torch
 from instructune.errors import ConfigError
 
 logger = logging.getLogger("instructune")
-
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 

@@ -14,7 +14,7 @@ from instructune.checkpoint import resume
 from instructune.config import DataArguments, ModelArguments, TrainingArguments
 from instructune.data import IGNORE_INDEX, EncodeStats, encode_records, load_records
 from instructune.errors import DataError
-from instructune.export import save_model_folder
+from instructune.export import loss_history, save_model_folder
 from instructune.trainer import InstructTrainer
 
 logger = logging.getLogger("instructune")
@@ -54,15 +54,14 @@ def train(
     num_new_tokens = models.add_missing_special_tokens(tokenizer, model_args.pad_token)
     if data_args.prompt_template == "chat" and not tokenizer.chat_template:
         raise DataError(f"{model_args.model_name_or_path}: the tokenizer has no chat template; use --prompt_template alpaca")
-    with training_args.main_process_first(desc="tokenising"):
-        examples, stats = encode_records(
-            records,
-            tokenizer,
-            data_args.prompt_template,
-            training_args.model_max_length,
-            data_args.train_on_inputs,
-            data_args.overlong,
-        )
+    examples, stats = encode_records(
+        records,
+        tokenizer,
+        data_args.prompt_template,
+        training_args.model_max_length,
+        data_args.train_on_inputs,
+        data_args.overlong,
+    )
     logger.info("data: %s", stats.summary())
     if not examples:
         raise DataError(f"{data_args.data_path}: no record fits in model_max_length={training_args.model_max_length}")
@@ -85,5 +84,5 @@ def train(
 
     # 5. Export: a Hugging Face folder and the run summary.
     save_model_folder(trainer, result.metrics, stats)
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    losses = [e["loss"] for e in loss_history(trainer)]
     return TrainOutcome(metrics=result.metrics, data=stats, losses=losses)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import PYTHON, SHARED_DATA, run_command
+from conftest import PYTHON, REPO, SHARED_DATA, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -44,3 +44,14 @@ def test_fine_tune_smollm2_on_real_alpaca_records(smollm2, tmp_path):
     )
     assert reply.returncode == 0, reply.stderr[-2000:]
     assert len(reply.stdout.strip()) > 3
+
+
+def test_demo_command(tmp_path):
+    """The README's first command (shortened): answers before and after, the loss, a model folder."""
+    result = run_command([str(REPO / ".venv" / "bin" / "instructune") if (REPO / ".venv" / "bin" / "instructune").exists()
+                          else "instructune", "demo", "--max_steps", "2", "--output_dir", str(tmp_path / "demo")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert out.index("=== before fine-tuning") < out.index("=== after fine-tuning") < out.index("training loss")
+    assert out.count("Q: What is the capital of Spain?") == 2
+    assert (tmp_path / "demo" / "config.json").exists() and (tmp_path / "demo" / "loss_curve.png").exists()
