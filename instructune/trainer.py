@@ -19,6 +19,11 @@ class InstructTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Trainer._save calls save_pretrained with its default 50GB shards; the size is the user's choice.
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if state_dict:
+            # A gathered (DeepSpeed, FSDP) state dict holds tied weights twice, as separate copies that
+            # save_pretrained cannot recognise; store them once, as an ordinary save does.
+            tied = _second_names(model)
+            state_dict = {k: v for k, v in state_dict.items() if k not in tied}
         model.save_pretrained = functools.partial(
             type(model).save_pretrained, model, max_shard_size=self.args.max_shard_size
         )
@@ -55,3 +60,13 @@ class InstructTrainer(Trainer):
             self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
         else:
             super().save_model(output_dir, _internal_call)
+
+
+def _second_names(model) -> set[str]:
+    """Names under which a parameter appears after its first name (a tied lm_head)."""
+    seen, names = set(), set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen:
+            names.add(name)
+        seen.add(id(parameter))
+    return names

@@ -64,10 +64,10 @@ def final_state(output_dir):
 @pytest.mark.parametrize(
     "strategy, kill_when, tolerance",
     [("ddp", "after_save", 0.0), ("ddp", "during_save", 0.0), ("zero2", "during_save", 1e-6),
-     ("zero3", "during_save", 1e-6), ("fsdp", "during_save", 1e-6)],
+     ("zero3", "during_save", 1e-6), ("zero3_offload", "during_save", 1e-6), ("fsdp", "during_save", 1e-6)],
 )
 def test_killed_job_resumes_to_the_same_result(strategy, kill_when, tolerance, tiny_llama, tmp_path):
-    port = 29700 + 10 * ["ddp", "zero2", "zero3", "fsdp"].index(strategy) + 5 * (kill_when == "after_save")
+    port = 29700 + 10 * ["ddp", "zero2", "zero3", "zero3_offload", "fsdp"].index(strategy) + 5 * (kill_when == "after_save")
     extra = ["--strategy", strategy]
     reference = launch("train.py", flags(tiny_llama, tmp_path / "reference", *extra), port)
     assert reference.returncode == 0, reference.stderr[-3000:]
