@@ -48,58 +48,36 @@ def _train_tokenizer(directory: Path, with_pad: bool):
     return wrapped
 
 
-def _tiny_llama(directory: Path) -> Path:
+def _tiny_model(directory: Path, with_pad: bool, config_class: str, **sizes) -> Path:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
-    tokenizer = _train_tokenizer(directory, with_pad=False)
+    tokenizer = _train_tokenizer(directory, with_pad=with_pad)
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = getattr(transformers, config_class)(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
-
-
-def _tiny_opt(directory: Path) -> Path:
-    import torch
-    from transformers import OPTConfig, OPTForCausalLM
-
-    tokenizer = _train_tokenizer(directory, with_pad=True)
-    torch.manual_seed(0)
-    config = OPTConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        ffn_dim=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        word_embed_proj_dim=64,
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **sizes,
     )
-    OPTForCausalLM(config).save_pretrained(directory)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     return directory
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    return _tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    """LLaMA-like: no pad token, untied embeddings."""
+    return _tiny_model(tmp_path_factory.mktemp("tiny-llama"), False, "LlamaConfig", hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_opt(tmp_path_factory) -> Path:
-    return _tiny_opt(tmp_path_factory.mktemp("tiny-opt"))
+    """OPT: a pad token, tied embeddings."""
+    return _tiny_model(tmp_path_factory.mktemp("tiny-opt"), True, "OPTConfig", hidden_size=64, ffn_dim=128,
+                       num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64)
 
 
 @pytest.fixture(scope="session")
