@@ -54,18 +54,30 @@ def _join_flags(items: list[tuple[str, list[str]]]) -> list[str]:
     return [token for flag, values in items for token in (flag, *values)]
 
 
+STRATEGY_FLAGS = ("--deepspeed", "--fsdp", "--fsdp_config", "--fsdp_transformer_layer_cls_to_wrap")
+
+
 def expand_strategy(argv: list[str]) -> list[str]:
-    """`--strategy NAME` → the DeepSpeed or FSDP flags of ds_configs/ it stands for."""
+    """`--strategy NAME` → the DeepSpeed or FSDP flags of ds_configs/ it stands for.
+
+    Like any flag, the later of `--strategy` and explicit --deepspeed/--fsdp flags wins, so a
+    --strategy on the command line overrides the FSDP settings of a YAML config, and vice versa.
+    """
     items = _split_flags(argv)
-    chosen = [values for flag, values in items if flag == "--strategy"]
-    if not chosen:
+    positions = [i for i, (flag, _) in enumerate(items) if flag == "--strategy"]
+    if not positions:
         return argv
-    if len(chosen[-1]) != 1:
+    if len(items[positions[-1]][1]) != 1:
         raise ConfigError("--strategy takes one name")
-    rest = [(flag, values) for flag, values in items if flag != "--strategy"]
-    if any(flag in ("--deepspeed", "--fsdp") for flag, _ in rest):
-        raise ConfigError("--strategy replaces --deepspeed and --fsdp: give one or the other")
-    return _join_flags(rest) + distributed.strategy_flags(chosen[-1][0])
+    name = items[positions[-1]][1][0]
+    explicit = [i for i, (flag, _) in enumerate(items) if flag in STRATEGY_FLAGS]
+    if explicit and explicit[-1] > positions[-1]:
+        logger.info("--%s given after --strategy %s: using it instead", items[explicit[-1]][0].lstrip("-"), name)
+        return _join_flags([item for item in items if item[0] != "--strategy"])
+    if explicit:
+        logger.info("--strategy %s replaces the earlier %s", name, ", ".join(sorted({items[i][0] for i in explicit})))
+    rest = [item for item in items if item[0] != "--strategy" and item[0] not in STRATEGY_FLAGS]
+    return _join_flags(rest) + distributed.strategy_flags(name)
 
 
 def translate_legacy_flags(argv: list[str]) -> list[str]:

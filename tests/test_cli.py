@@ -93,3 +93,17 @@ def test_instructune_command_lists_its_subcommands(capsys):
     assert all(name in out for name in ("train", "demo", "generate"))
     assert main(["train", "--help"]) == 0
     assert "--data_path" in capsys.readouterr().out
+
+
+def test_strategy_on_the_command_line_overrides_the_config_file(tmp_path):
+    """The README's multi-node commands: Alpaca's FSDP recipe file, run with --strategy zero3."""
+    _, _, args = parse_train_args(["--config", str(REPO / "configs" / "llama2-7b-alpaca.yaml"), "--strategy", "zero3",
+                                   "--output_dir", str(tmp_path)])
+    assert args.deepspeed.endswith("ds_configs/zero3.json") and not args.fsdp
+    _, _, args = parse_train_args(["--strategy", "zero3", "--fsdp", "full_shard auto_wrap", "--output_dir", str(tmp_path)])
+    assert args.fsdp and not args.deepspeed  # the later flag wins
+
+
+def test_unknown_strategy(tmp_path):
+    with pytest.raises(ConfigError, match="--strategy zero4: unknown; choose one of ddp, zero2"):
+        parse_train_args(["--strategy", "zero4", "--output_dir", str(tmp_path)])
