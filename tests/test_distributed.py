@@ -89,7 +89,7 @@ def test_strategies_train_the_same_model(strategy, model_name, ddp_weights, requ
         assert "lm_head.weight" not in TensorFolder(tmp_path / "out").names()
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero2_offload", "zero3_offload", "fsdp_offload"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp", "fsdp_offload"])
 def test_bf16_and_gradient_checkpointing(strategy, tiny_llama, tmp_path):
     summary = train_with(tiny_llama, tmp_path / "out", "--strategy", strategy, "--bf16", "True",
                          "--gradient_checkpointing", "True")
