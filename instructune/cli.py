@@ -6,6 +6,7 @@ which are mapped to their transformers 5 names with a one-line notice instead of
 """
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -332,26 +333,28 @@ def weight_diff_main() -> None:
     sys.exit(run_diff(sys.argv[1:]))
 
 
-def run_convert(argv: list[str]) -> int:
+def run_convert(command: str, argv: list[str]) -> int:
     """`instructune convert` (DeepSpeed/FSDP checkpoint → HF folder) and `instructune shard` (re-shard a folder)."""
     from instructune.checkpoint.convert import convert_checkpoint
     from instructune.checkpoint.shard import DTYPES, reshard
 
+    descriptions = {
+        "convert": "A DeepSpeed ZeRO-2/3 checkpoint (checkpoint-N/ with global_stepN/, or a folder with latest) or "
+        "an FSDP sharded checkpoint (pytorch_model_fsdp_0/) → a complete Hugging Face folder.",
+        "shard": "Re-shard a Hugging Face model folder (single or sharded, safetensors or .bin), tensor by tensor.",
+    }
     parser = argparse.ArgumentParser(
-        prog="instructune convert|shard",
-        description="convert: a DeepSpeed ZeRO-2/3 checkpoint (global_stepN/, latest) or an FSDP sharded checkpoint "
-        "→ a complete Hugging Face folder. shard: re-shard any Hugging Face folder (safetensors or .bin), tensor by "
-        "tensor. The output folder appears only when complete.",
+        prog=f"instructune {command}", description=descriptions[command] + " The output appears only when complete."
     )
-    parser.add_argument("command", choices=["convert", "shard"])
-    parser.add_argument("source", help="checkpoint folder (convert) or model folder (shard)")
+    parser.add_argument("source", help="checkpoint folder" if command == "convert" else "model folder")
     parser.add_argument("destination", help="the Hugging Face folder to create")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the floating-point weights (convert: fp32)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the floating-point weights"
+                        + (" (default fp32)" if command == "convert" else " (default: as they are)"))
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     args = parser.parse_args(argv)
     _setup_logging()
     try:
-        if args.command == "convert":
+        if command == "convert":
             count = convert_checkpoint(args.source, args.destination, args.dtype or "fp32", args.max_shard_size)
         else:
             count = reshard(args.source, args.destination, args.max_shard_size, args.dtype)
@@ -367,8 +370,8 @@ COMMANDS = {
     "demo": (run_demo, "a short CPU fine-tune of the built-in SmolLM2-135M on the sample data, answers before/after"),
     "generate": (run_generate, "answer an instruction with a model folder"),
     "diff": (run_diff, "make, recover or verify a weight diff (Alpaca's weight_diff.py)"),
-    "convert": (lambda argv: run_convert(["convert", *argv]), "a DeepSpeed ZeRO or FSDP sharded checkpoint → a HF folder"),
-    "shard": (lambda argv: run_convert(["shard", *argv]), "re-shard a HF folder (size, dtype), tensor by tensor"),
+    "convert": (functools.partial(run_convert, "convert"), "a DeepSpeed ZeRO or FSDP sharded checkpoint → a HF folder"),
+    "shard": (functools.partial(run_convert, "shard"), "re-shard a HF folder (size, dtype), tensor by tensor"),
 }
 
 
