@@ -1,16 +1,19 @@
 """Peak memory and wall time of `instructune convert` against DeepSpeed's own zero_to_fp32.py script,
-on the same ZeRO-3 checkpoint of SmolLM2-135M (2 ranks, optimizer states included).
+on the same ZeRO-3 checkpoint (2 ranks, optimizer states included) of SmolLM2-135M, or of a random
+LLaMA of SmolLM2's vocabulary with --layers N (24 layers: ~420M parameters).
 
 Each conversion runs in a fresh process under a small wrapper that reports that child's peak RSS
 (ru_maxrss of its only child) and wall time, imports included. zero_to_fp32.py writes .bin shards:
 its safetensors output fails on SmolLM2's tied embeddings, which instructune handles.
 
-    .venv/bin/python bench/convert.py          # ~2 minutes on 2 CPU cores: one training step makes the checkpoint
+    .venv/bin/python bench/convert.py              # ~1 minute on 2 CPU cores: one training step makes the checkpoint
+    .venv/bin/python bench/convert.py --layers 24  # a ~420M-parameter random LLaMA: ~5 minutes, ~10 GB of disk
 
 The last line is machine-readable: peak_rss_ratio=X time_ratio=Y (instructune / DeepSpeed).
 Goal: peak_rss_ratio <= 1 (lower where streaming allows).
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -37,12 +40,34 @@ def measure(command: list[str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+RANDOM_LLAMA = """
+import sys, torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from instructune.builtin import builtin_model_path
+tokenizer = AutoTokenizer.from_pretrained(builtin_model_path("smollm2-135m"))
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=2816, num_hidden_layers=int(sys.argv[2]),
+                     num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False,
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+LlamaForCausalLM(config).save_pretrained(sys.argv[1], max_shard_size="500MB")
+tokenizer.save_pretrained(sys.argv[1])
+"""
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, help="a random LLaMA with this many layers instead of SmolLM2-135M")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
+        model = "smollm2-135m"
+        if args.layers:
+            model = str(work / "random-llama")
+            subprocess.run([sys.executable, "-c", RANDOM_LLAMA, model, str(args.layers)], cwd=REPO, check=True,
+                           capture_output=True)
         train = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29670", "train.py",
-             "--model_name_or_path", "smollm2-135m", "--data_path", "alpaca_data.json", "--output_dir", str(work / "run"),
+             "--model_name_or_path", model, "--data_path", "alpaca_data.json", "--output_dir", str(work / "run"),
              "--strategy", "zero3", "--max_steps", "1", "--per_device_train_batch_size", "1", "--model_max_length", "64",
              "--save_strategy", "steps", "--save_steps", "1", "--report_to", "none", "--disable_tqdm", "True"],
             cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -55,7 +80,8 @@ def main() -> None:
                              "--max_shard_size", "500MB"])
         ours = measure([sys.executable, "-m", "instructune.cli", "convert", str(checkpoint), str(work / "ours"),
                         "--max_shard_size", "500MB"])
-    print(f"ZeRO-3 checkpoint of SmolLM2-135M from 2 ranks: {size:.0f} MB (weights and optimizer states)")
+    name = f"a random {args.layers}-layer LLaMA" if args.layers else "SmolLM2-135M"
+    print(f"ZeRO-3 checkpoint of {name} from 2 ranks: {size:.0f} MB (weights and optimizer states)")
     print(f"{'tool':22s} {'seconds':>8s} {'peak RSS MB':>12s}")
     print(f"{'zero_to_fp32.py':22s} {deepspeed['seconds']:8.1f} {deepspeed['peak_rss_mb']:12.0f}")
     print(f"{'instructune convert':22s} {ours['seconds']:8.1f} {ours['peak_rss_mb']:12.0f}")
