@@ -10,6 +10,7 @@ ordinary safetensors shards with a standard `model.safetensors.index.json`.
 
 import hashlib
 import json
+import math
 import re
 import shutil
 import struct
@@ -59,10 +60,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for n in self.shape:
-            numel *= n
-        return numel * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class TensorFolder:
@@ -95,10 +93,8 @@ class TensorFolder:
             return [TensorInfo(n, tuple(t.shape), t.dtype, file) for n, t in self._load_bin(file).items()]
         try:
             with safe_open(file, framework="pt") as f:
-                return [
-                    TensorInfo(n, tuple(f.get_slice(n).get_shape()), SAFETENSORS_DTYPES[f.get_slice(n).get_dtype()], file)
-                    for n in f.keys()
-                ]
+                slices = {n: f.get_slice(n) for n in f.keys()}
+                return [TensorInfo(n, tuple(t.get_shape()), SAFETENSORS_DTYPES[t.get_dtype()], file) for n, t in slices.items()]
         except Exception as e:  # safetensors raises its own error type for a damaged header
             raise UserError(f"{file}: not a readable safetensors file ({e})") from None
 

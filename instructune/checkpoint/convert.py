@@ -45,6 +45,7 @@ def _fsdp_state(shards: Path) -> dict:
 
     with tempfile.TemporaryDirectory() as work:
         dcp_to_torch_save(shards, Path(work) / "state.pt")
+        # memory-mapped: the mapping outlives the temporary file's name, and pages load one tensor at a time
         state = torch.load(Path(work) / "state.pt", map_location="cpu", weights_only=True, mmap=True)
     return state.get("model", state)  # Accelerate saves {"model": state_dict}
 
