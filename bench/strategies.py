@@ -59,7 +59,7 @@ def worker(output: Path, argv: list[str]) -> int:
     import torch
     from transformers import TrainerCallback
 
-    from instructune.cli import run_training
+    from instructune.cli import run, train
 
     class Probe(TrainerCallback):
         def __init__(self):
@@ -82,7 +82,7 @@ def worker(output: Path, argv: list[str]) -> int:
                 record["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
             (output / f"rank{rank}.json").write_text(json.dumps(record))
 
-    return run_training(argv, callbacks=[Probe()])
+    return run(lambda: train.main(argv, callbacks=[Probe()]))
 
 
 def measure(strategy: str, steps: int, nproc: int, work: Path) -> list[dict]:

@@ -1,6 +1,6 @@
-"""Where and how training is distributed: the strategies behind --strategy, the adjustments that make
-the Trainer really distribute on a CPU-only machine, and a clean process exit. Every CPU-only
-workaround lives here (see the shared notes, cpu-distributed.md).
+"""Where and how training is distributed: the adjustments that make the Trainer really distribute on a
+CPU-only machine, and a clean process exit (the strategies behind --strategy are in config/argv.py).
+Every CPU-only workaround lives here (see the shared notes, cpu-distributed.md).
 
 Without them, on a machine with no GPU the Trainer silently trains each torchrun rank alone,
 DeepSpeed ZeRO-3 fails inside from_pretrained, FSDP silently falls back to DDP, and gloo runs abort
@@ -10,32 +10,10 @@ at interpreter exit now and then. Each function says when it can go.
 import logging
 import os
 import sys
-from pathlib import Path
 
 import torch
 
-from instructune.errors import ConfigError
-
 logger = logging.getLogger("instructune")
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
-
-# --strategy NAME → the flags it stands for (the configs say when to pick which)
-STRATEGIES = {
-    "ddp": [],
-    "zero2": ["--deepspeed", "zero2.json"],
-    "zero2_offload": ["--deepspeed", "zero2_offload.json"],
-    "zero3": ["--deepspeed", "zero3.json"],
-    "zero3_offload": ["--deepspeed", "zero3_offload.json"],
-    "fsdp": ["--fsdp", "full_shard auto_wrap", "--fsdp_config", "fsdp_full_shard.json"],
-    "fsdp_offload": ["--fsdp", "full_shard auto_wrap offload", "--fsdp_config", "fsdp_full_shard_offload.json"],
-}
-
-
-def strategy_flags(name: str) -> list[str]:
-    if name not in STRATEGIES:
-        raise ConfigError(f"--strategy {name}: unknown; choose one of {', '.join(STRATEGIES)}")
-    return [str(CONFIG_DIR / value) if value.endswith(".json") else value for value in STRATEGIES[name]]
 
 
 def main_process() -> bool:
@@ -79,13 +57,13 @@ def adjust_args_for_device(args) -> None:
         args.hf_deepspeed_config.config["zero_force_ds_cpu_optimizer"] = False
 
 
-def init_process_group_early(uses_deepspeed: bool) -> None:
-    """DeepSpeed on the CPU: start the gloo process group before the model is loaded.
+def init_deepspeed_comm(args) -> None:
+    """DeepSpeed on the CPU: have deepspeed.comm join the gloo process group before the model is loaded.
 
     transformers runs deepspeed.zero.Init() inside from_pretrained under ZeRO-3, which needs
     deepspeed.comm ready; on GPUs Accelerate does this in time, on the CPU it does not.
     """
-    if uses_deepspeed and on_cpu() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if args.deepspeed and on_cpu() and args.world_size > 1:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")

@@ -1,5 +1,8 @@
 """Export stage: the trained model as a plain Hugging Face folder, plus what the run did.
 
+An output folder never holds two runs: one that already holds files is refused unless the run resumes
+from it or is told to overwrite it, and the final model is written into a staging folder and then
+moved into place, replacing any weights that were there, so no stale shard is left beside new ones.
 `trainer.save_model` writes weights (sharded safetensors), config, generation config and tokenizer;
 it is the one save that is right under ZeRO-3 and FSDP (Alpaca's `state_dict()` save writes empty
 tensors under ZeRO-3), and where ZeRO-3 saves only its shards they are consolidated here. Beside it go `train_results.json` (metrics,
@@ -11,7 +14,29 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from instructune.data import EncodeStats
+from instructune.data import DataStats
+from instructune.errors import ConfigError
+
+STAGING = ".final-model.partial"  # inside output_dir, so that the moves into place are renames
+WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def prepare_output_dir(args, model_path: str) -> None:
+    """Refuse an output_dir that would mix runs; with --overwrite_output_dir, empty it (main process first)."""
+    output_dir = Path(args.output_dir)
+    if Path(model_path).exists() and output_dir.resolve() == Path(model_path).resolve():
+        raise ConfigError(f"{output_dir}: is the base model's folder; choose another --output_dir")
+    with args.main_process_first(desc="preparing the output folder"):
+        held = sorted(p.name for p in output_dir.iterdir() if p.name != STAGING) if output_dir.is_dir() else []
+        if held and args.overwrite_output_dir:
+            if args.should_save:
+                for name in held:
+                    path = output_dir / name
+                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        elif held and not args.resume_from_checkpoint:
+            shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            raise ConfigError(f"{output_dir}: already holds files ({shown}); pass --overwrite_output_dir True to "
+                              "replace them or --resume_from_checkpoint auto to continue that run")
 
 
 def training_strategy(trainer) -> str:
@@ -22,18 +47,24 @@ def training_strategy(trainer) -> str:
     return "ddp" if trainer.args.world_size > 1 else "single-process"
 
 
-def loss_history(trainer) -> list[dict]:
-    return [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
+def loss_history(trainer, key: str = "loss") -> list[dict]:
+    """[{step, loss}] of the training loss, or of the held-out loss with key='eval_loss'."""
+    return [{"step": e["step"], "loss": e[key]} for e in trainer.state.log_history if key in e]
 
 
-def save_model_folder(trainer, metrics: dict, data_stats: EncodeStats) -> None:
+def save_model_folder(trainer, metrics: dict, data_stats: DataStats) -> None:
     """Save the model and the run summary into args.output_dir (the summary from the main process only)."""
-    trainer.save_model()
+    output_dir = Path(trainer.args.output_dir)
+    staging = output_dir / STAGING
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # every rank takes part (ZeRO-3 and FSDP gather); the main process writes
     if not trainer.is_world_process_zero():
         return
-    output_dir = Path(trainer.args.output_dir)
-    if trainer.is_deepspeed_enabled and not any(output_dir.glob("model*.safetensors")):
-        consolidate_zero_checkpoint(trainer, output_dir)
+    if trainer.is_deepspeed_enabled and not any(staging.glob("model*.safetensors")):
+        consolidate_zero_checkpoint(trainer, staging)
+    move_into_place(staging, output_dir)
     losses = loss_history(trainer)
     summary = {
         "metrics": metrics,
@@ -42,10 +73,21 @@ def save_model_folder(trainer, metrics: dict, data_stats: EncodeStats) -> None:
         "model_wrapper": type(trainer.model_wrapped).__name__,
         "data": asdict(data_stats),
         "losses": losses,
+        "heldout_losses": loss_history(trainer, "eval_loss"),
     }
     (output_dir / "train_results.json").write_text(json.dumps(summary, indent=2) + "\n")
     if losses:
         plot_loss_curve(losses, output_dir / "loss_curve.png")
+
+
+def move_into_place(staging: Path, output_dir: Path) -> None:
+    """Replace output_dir's model files with the staged ones (old weights first, so none is left over)."""
+    for pattern in WEIGHT_FILES:
+        for stale in output_dir.glob(pattern):
+            stale.unlink()
+    for file in staging.iterdir():
+        file.replace(output_dir / file.name)
+    staging.rmdir()
 
 
 def consolidate_zero_checkpoint(trainer, output_dir: Path) -> None:

@@ -17,13 +17,12 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_tokenizer(path: str, model_max_length: int, cache_dir: str | None = None, trust_remote_code: bool = False):
+def load_tokenizer(path: str, model_max_length: int | None = None, cache_dir: str | None = None,
+                   trust_remote_code: bool = False):
+    """Right padding for training; `model_max_length` None keeps the tokenizer's own."""
+    limit = {"model_max_length": model_max_length} if model_max_length else {}
     return AutoTokenizer.from_pretrained(
-        path,
-        model_max_length=model_max_length,
-        padding_side="right",
-        cache_dir=cache_dir,
-        trust_remote_code=trust_remote_code,
+        path, padding_side="right", cache_dir=cache_dir, trust_remote_code=trust_remote_code, **limit
     )
 
 
@@ -47,12 +46,10 @@ def add_missing_special_tokens(tokenizer, pad_token: str) -> int:
     return tokenizer.add_special_tokens(new_tokens) if new_tokens else 0
 
 
-def load_model(path: str, cache_dir: str | None = None, trust_remote_code: bool = False):
+def load_model(path: str, cache_dir: str | None = None, trust_remote_code: bool = False, dtype=torch.float32):
     # transformers 5 loads in the checkpoint's dtype by default (bf16 for most hub models); full
     # fine-tuning keeps fp32 master weights and lets --bf16 autocast, as Alpaca did.
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, cache_dir=cache_dir, trust_remote_code=trust_remote_code
-    )
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
 
 
 def resize_embeddings(model, tokenizer, num_new_tokens: int) -> None:

@@ -4,17 +4,18 @@ Everything that can fail on the user's input (data, tokenizer) runs before the m
 before anything is written, so a bad record costs seconds and leaves no half-made output folder.
 """
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 from transformers import DataCollatorForSeq2Seq, TrainerCallback
 
-from instructune import models
+from instructune import distributed, models
 from instructune.checkpoint import resume
 from instructune.config import DataArguments, ModelArguments, TrainingArguments
-from instructune.data import IGNORE_INDEX, EncodeStats, encode_records, load_records
+from instructune.data import IGNORE_INDEX, DataStats, encode_records, hold_out, load_records
 from instructune.errors import DataError
-from instructune.export import loss_history, save_model_folder
+from instructune.export import loss_history, prepare_output_dir, save_model_folder
 from instructune.trainer import InstructTrainer
 
 logger = logging.getLogger("instructune")
@@ -23,8 +24,9 @@ logger = logging.getLogger("instructune")
 @dataclass
 class TrainOutcome:
     metrics: dict
-    data: EncodeStats
-    losses: list[float]
+    data: DataStats
+    losses: list[float]  # training loss at every logged step
+    heldout_losses: list[float]  # validation loss at every evaluation: before training, ..., after
 
 
 def resume_point(args: TrainingArguments) -> str | None:
@@ -44,7 +46,7 @@ def train(
     callbacks: list[TrainerCallback] | None = None,
 ) -> TrainOutcome:
     # 1. Data: read and validate every record.
-    records = load_records(data_args.data_path)
+    records, skipped = load_records(data_args.data_path, strict=data_args.strict_data)
 
     # 2. Tokenizer, with the pad and EOS tokens that training needs; then the examples.
     model_path = models.resolve_model_path(model_args.model_name_or_path)
@@ -62,11 +64,18 @@ def train(
         data_args.train_on_inputs,
         data_args.overlong,
     )
-    logger.info("data: %s", stats.summary())
     if not examples:
         raise DataError(f"{data_args.data_path}: no record fits in model_max_length={training_args.model_max_length}")
+    validation = []
+    if data_args.val_set_size:
+        examples, validation = hold_out(examples, data_args.val_set_size, training_args.seed)
+        training_args.eval_on_start = True  # the held-out loss before training; the final one is measured below
+    stats = dataclasses.replace(stats, skipped=dict(skipped), heldout=len(validation))
+    logger.info("data: %s", stats.summary())
 
-    # 3. Model.
+    # 3. Model, once the output folder is known to be ours to write.
+    prepare_output_dir(training_args, model_path)
+    distributed.init_deepspeed_comm(training_args)
     model = models.load_model(model_path, training_args.cache_dir, model_args.trust_remote_code)
     if num_new_tokens:
         models.resize_embeddings(model, tokenizer, num_new_tokens)
@@ -76,13 +85,19 @@ def train(
         model=model,
         args=training_args,
         train_dataset=examples,
+        eval_dataset=validation or None,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
     result = trainer.train(resume_from_checkpoint=resume_point(training_args))
+    if validation:
+        trainer.evaluate()
 
     # 5. Export: a Hugging Face folder and the run summary.
     save_model_folder(trainer, result.metrics, stats)
     losses = [e["loss"] for e in loss_history(trainer)]
-    return TrainOutcome(metrics=result.metrics, data=stats, losses=losses)
+    heldout = [e["loss"] for e in loss_history(trainer, "eval_loss")]
+    if heldout:
+        logger.info("held-out loss %.4f → %.4f (%d examples)", heldout[0], heldout[-1], len(validation))
+    return TrainOutcome(metrics=result.metrics, data=stats, losses=losses, heldout_losses=heldout)

@@ -4,7 +4,9 @@ import json
 import logging
 import pytest
 
-from instructune.cli import expand_config_file, main, parse_train_args, translate_legacy_flags
+from instructune.cli import main
+from instructune.config import parse_train_args
+from instructune.config.argv import expand_config_file, translate_legacy_flags
 from instructune.errors import ConfigError
 
 from conftest import REPO
@@ -17,13 +19,13 @@ def test_alpaca_flags_are_mapped_to_transformers_5(caplog):
          "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", "--overwrite_output_dir", "--logging_dir", "logs",
          "--per_gpu_train_batch_size", "4"]
     )
-    assert argv == [
-        "--eval_strategy", "no", "--warmup_steps", "0.03", "--fsdp", "full_shard auto_wrap",
+    assert argv == [  # --overwrite_output_dir keeps its meaning (our own flag); --logging_dir goes
+        "--eval_strategy", "no", "--warmup_steps", "0.03", "--fsdp", "full_shard auto_wrap", "--overwrite_output_dir",
         "--per_device_train_batch_size", "4",
         "--fsdp_config", json.dumps({"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}),
     ]
     notices = caplog.text
-    for flag in ("--evaluation_strategy", "--warmup_ratio", "--fsdp_transformer_layer_cls_to_wrap", "--overwrite_output_dir"):
+    for flag in ("--evaluation_strategy", "--warmup_ratio", "--fsdp_transformer_layer_cls_to_wrap", "--logging_dir"):
         assert flag in notices
 
 

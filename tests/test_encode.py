@@ -33,7 +33,7 @@ def _check_labels(records, tokenizer, template):
 def test_labels_are_the_response_and_eos_tiny_llama(tiny_llama):
     tokenizer = _tokenizer(tiny_llama)
     assert tokenizer.pad_token == "[PAD]" and tokenizer.pad_token_id != tokenizer.eos_token_id
-    _check_labels(load_records(str(SAMPLE_DATA)), tokenizer, "alpaca")
+    _check_labels(load_records(str(SAMPLE_DATA))[0], tokenizer, "alpaca")
 
 
 @pytest.mark.slow
@@ -41,7 +41,7 @@ def test_labels_are_the_response_and_eos_tiny_llama(tiny_llama):
 def test_labels_with_pad_equal_to_eos_smollm2(smollm2, template):
     tokenizer = _tokenizer(smollm2)
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the trap: masking pad would mask EOS
-    records = load_records(str(SAMPLE_DATA))
+    records, _ = load_records(str(SAMPLE_DATA))
     _check_labels(records, tokenizer, template)
     # ... and after batching, EOS is still a target while the padding after it is not.
     examples, _ = encode_records(records[:8], tokenizer, template, max_length=512)
@@ -55,7 +55,7 @@ def test_labels_with_pad_equal_to_eos_smollm2(smollm2, template):
 
 def test_train_on_inputs_learns_the_prompt_too(tiny_llama):
     tokenizer = _tokenizer(tiny_llama)
-    records = load_records(str(SAMPLE_DATA))[:5]
+    records = load_records(str(SAMPLE_DATA))[0][:5]
     examples, _ = encode_records(records, tokenizer, "alpaca", 512, train_on_inputs=True)
     assert all(e["labels"] == e["input_ids"] for e in examples)
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from instructune.cli import run_training
+from instructune.cli import main
 from instructune.generate import answer
 
 from conftest import SAMPLE_DATA
@@ -56,7 +56,7 @@ def check_model_folder(output_dir: Path, world_size: int = 1, loss_drop: float =
 def test_training_writes_a_loadable_model_folder(model_fixture, request, tmp_path):
     model = request.getfixturevalue(model_fixture)
     output_dir = tmp_path / "out"
-    assert run_training(tiny_run_flags(model, output_dir)) == 0
+    assert main(["train", *tiny_run_flags(model, output_dir)]) == 0
     summary = check_model_folder(output_dir)
     assert summary["strategy"] == "single-process"
     assert summary["data"]["kept"] == summary["data"]["records"] == 125
@@ -70,7 +70,7 @@ def test_alpaca_flags_train_with_bf16_and_gradient_checkpointing(tiny_llama, tmp
         "--bf16", "True", "--tf32", "True", "--evaluation_strategy", "no", "--warmup_ratio", "0.03",
         "--gradient_checkpointing", "True", "--weight_decay", "0.",
     ]
-    assert run_training(flags) == 0
+    assert main(["train", *flags]) == 0
     check_model_folder(output_dir)
     # fp32 master weights are saved even though the forward pass ran in bf16
     assert json.loads((output_dir / "config.json").read_text())["dtype"] == "float32"

@@ -6,27 +6,31 @@ the unmasked labels decode to `output + eos` with no boundary guesswork. Labels 
 never from comparing ids with the pad id, so EOS stays a target even when pad == eos.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from instructune.data.records import Record
+from instructune.data.records import Record, skipped_summary
 from instructune.data.templates import render_prompt, template_adds_special_tokens
+from instructune.errors import DataError
 
 IGNORE_INDEX = -100  # the label value that PyTorch's cross-entropy (and the HF models) skip
 
 
 @dataclass
-class EncodeStats:
-    records: int
-    kept: int
+class DataStats:
+    records: int  # usable records
+    kept: int  # examples made of them
     truncated: int
     dropped: int
     longest: int  # tokens in the longest example before truncation
+    skipped: dict[str, int] = field(default_factory=dict)  # records skipped for an empty field, per field
+    heldout: int = 0  # examples held out for validation
 
     def summary(self) -> str:
-        return (
-            f"{self.records} records → {self.kept} examples ({self.truncated} truncated, "
-            f"{self.dropped} dropped; longest {self.longest} tokens)"
-        )
+        text = (f"{self.records} records → {self.kept} examples ({self.truncated} truncated, "
+                f"{self.dropped} dropped; longest {self.longest} tokens)")
+        if self.heldout:
+            text += f", {self.heldout} held out for validation"
+        return text + (f"; {skipped_summary(self.skipped)}" if self.skipped else "")
 
 
 def encode_records(
@@ -36,7 +40,7 @@ def encode_records(
     max_length: int,
     train_on_inputs: bool = False,
     overlong: str = "truncate",
-) -> tuple[list[dict], EncodeStats]:
+) -> tuple[list[dict], DataStats]:
     """Examples with input_ids, attention_mask and labels; records too long are truncated or dropped."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; the model could never learn to stop")
@@ -57,4 +61,16 @@ def encode_records(
             input_ids, labels = input_ids[:max_length], labels[:max_length]
             truncated += 1
         examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": list(labels)})
-    return examples, EncodeStats(len(records), len(examples), truncated, dropped, longest)
+    return examples, DataStats(len(records), len(examples), truncated, dropped, longest)
+
+
+def hold_out(examples: list[dict], size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, validation): `size` examples (a fraction of them if below 1) drawn with `seed`."""
+    import random
+
+    count = round(size * len(examples)) if 0 < size < 1 else int(size)
+    if count >= len(examples):
+        raise DataError(f"--val_set_size {size:g} leaves nothing to train on ({len(examples)} examples)")
+    chosen = set(random.Random(seed).sample(range(len(examples)), count))
+    train = [e for i, e in enumerate(examples) if i not in chosen]
+    return train, [e for i, e in enumerate(examples) if i in chosen]

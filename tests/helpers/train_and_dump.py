@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
-from instructune.cli import run_training
+from instructune.cli import run, train
 
 
 class DumpWeights(TrainerCallback):
@@ -28,4 +28,4 @@ class DumpWeights(TrainerCallback):
 
 
 if __name__ == "__main__":
-    sys.exit(run_training(sys.argv[2:], callbacks=[DumpWeights(Path(sys.argv[1]))]))
+    sys.exit(run(lambda: train.main(sys.argv[2:], callbacks=[DumpWeights(Path(sys.argv[1]))])))

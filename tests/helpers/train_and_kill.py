@@ -11,7 +11,7 @@ import sys
 
 from transformers import Trainer, TrainerCallback
 
-from instructune.cli import run_training
+from instructune.cli import run, train
 
 KILL_AT_STEP = int(os.environ["KILL_AT_STEP"])
 KILL_WHEN = os.environ["KILL_WHEN"]
@@ -39,4 +39,5 @@ if KILL_WHEN == "during_save":
     Trainer._save_optimizer_and_scheduler = save_optimizer_or_die
 
 if __name__ == "__main__":
-    sys.exit(run_training(sys.argv[1:], callbacks=[KillAfterSave()] if KILL_WHEN == "after_save" else []))
+    callbacks = [KillAfterSave()] if KILL_WHEN == "after_save" else []
+    sys.exit(run(lambda: train.main(sys.argv[1:], callbacks=callbacks)))

@@ -37,7 +37,8 @@ class DataArguments:
         default="alpaca_data.json",
         metadata={
             "help": "Alpaca-style data: a JSON list or JSON Lines file of {instruction, input, output} records, "
-            "a local dataset folder, or a Hugging Face dataset id."
+            "a local dataset folder, or a Hugging Face dataset id (owner/name). The default is the sample that "
+            "ships with instructune, if there is no alpaca_data.json in the current folder."
         },
     )
     prompt_template: str = field(
@@ -50,6 +51,17 @@ class DataArguments:
     )
     train_on_inputs: bool = field(
         default=False, metadata={"help": "Also learn the prompt tokens (by default only the response and EOS)."}
+    )
+    strict_data: bool = field(
+        default=False,
+        metadata={"help": "Stop at the first record with an empty instruction or output, instead of skipping it "
+                  "(skipped records are counted in the data summary)."},
+    )
+    val_set_size: float = field(
+        default=0,
+        metadata={"help": "Hold out this many records (or this fraction, if below 1), chosen with the run's seed, "
+                  "as a validation set: its loss is measured before and after training (and during, with "
+                  "--eval_strategy steps|epoch)."},
     )
     overlong: str = field(
         default="truncate",
@@ -69,6 +81,11 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     max_shard_size: str = field(
         default="5GB", metadata={"help": "Largest safetensors shard of the saved model, e.g. '5GB' or '500MB'."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Delete what output_dir holds before training. Without it (or --resume_from_checkpoint), a "
+                  "folder that already holds files is refused, so that two runs never mix in one folder."},
     )
     # A fine-tune updates every parameter, so DDP's unused-parameter search only costs time and warnings.
     ddp_find_unused_parameters: bool | None = field(default=False)

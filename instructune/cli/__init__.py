@@ -1,0 +1,63 @@
+"""`instructune COMMAND`: one module per command, and the one place where a UserError becomes a one-line
+`error: ...` with exit status 2 (and where a distributed process ends cleanly).
+
+Every command module has `HELP` (one line) and `main(argv) -> int`; commands raise UserError for
+anything the user can fix and never print tracebacks for it.
+"""
+
+import importlib
+import logging
+import sys
+from typing import Callable
+
+from instructune import distributed
+from instructune.errors import UserError
+
+COMMANDS = ("train", "demo", "generate", "diff", "convert", "shard")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(format="instructune: %(message)s", level=logging.WARNING)
+    logging.getLogger("instructune").setLevel(logging.INFO if distributed.main_process() else logging.WARNING)
+
+
+def run(command: Callable[[], int]) -> int:
+    """Run a command; a UserError is printed as one line (by the main process) and gives exit status 2.
+
+    A process that joined a process group leaves through distributed.exit_process, which never returns.
+    """
+    setup_logging()
+    try:
+        code = command()
+    except UserError as e:
+        if distributed.main_process():
+            print(f"error: {e}", file=sys.stderr)
+        code = 2
+    if distributed.is_initialized():
+        distributed.exit_process(code)
+    return code
+
+
+def command_module(name: str):
+    return importlib.import_module(f"instructune.cli.{name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: instructune COMMAND [flags]   (instructune COMMAND --help for its flags)\n\ncommands:")
+        for name in COMMANDS:
+            print(f"  {name:10s} {command_module(name).HELP}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = command_module(argv[0])
+    return run(lambda: module.main(argv[1:]))
+
+
+def train_main() -> None:
+    """train.py: Alpaca's entry point, flags only."""
+    sys.exit(main(["train", *sys.argv[1:]]))
+
+
+def weight_diff_main() -> None:
+    """weight_diff.py: Alpaca's `make_diff` / `recover` command line."""
+    sys.exit(main(["diff", *sys.argv[1:]]))

@@ -1,0 +1,21 @@
+"""`instructune train` and train.py: Stanford Alpaca's flags, or a YAML file with `--config`."""
+
+import logging
+
+HELP = "fine-tune a causal LM on instruction data (Alpaca's train.py flags, or --config FILE)"
+
+logger = logging.getLogger("instructune")
+
+
+def main(argv: list[str], callbacks=None) -> int:
+    from instructune import recipe
+    from instructune.config import parse_train_args, train_parser_help
+
+    if argv and argv[0] in ("-h", "--help"):
+        print(train_parser_help("instructune train"))
+        return 0
+    model_args, data_args, training_args = parse_train_args(argv)
+    outcome = recipe.train(model_args, data_args, training_args, callbacks=callbacks)
+    if outcome.losses:
+        logger.info("loss %.4f → %.4f; model saved in %s", outcome.losses[0], outcome.losses[-1], training_args.output_dir)
+    return 0
