@@ -10,6 +10,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["instructune", "instructune.*"]),
+    # The top-level ds_configs/, configs/ and alpaca_data.json, linked from instructune/resources/: the
+    # wheel holds copies, so --strategy, the demo and the default data work outside a checkout.
+    package_data={"instructune": ["resources/*.json", "resources/configs/*.yaml", "resources/ds_configs/*.json"]},
     # torch is pinned by the user's setup (CUDA or CPU build), never chosen by pip here: a range,
     # not a pin, so an installed torch satisfies it and pip downloads nothing.
     install_requires=[

@@ -88,11 +88,11 @@ def smollm2() -> Path:
     return builtin_model_path("smollm2-135m")
 
 
-def run_command(args: list[str], timeout: int = 600, **env) -> subprocess.CompletedProcess:
-    """Run a command from the repo root with this interpreter's environment; output captured as text."""
+def run_command(args: list[str], timeout: int = 600, cwd: Path = REPO, **env) -> subprocess.CompletedProcess:
+    """Run a command (from the repo root unless told) with this interpreter's environment; output captured as text."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     return subprocess.run(
-        args, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        args, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
     )
 
 

@@ -9,7 +9,7 @@ from instructune.config import parse_train_args
 from instructune.config.argv import expand_config_file, translate_legacy_flags
 from instructune.errors import ConfigError
 
-from conftest import REPO
+from conftest import PYTHON, REPO, SAMPLE_DATA, run_command
 
 
 def test_alpaca_flags_are_mapped_to_transformers_5(caplog):
@@ -65,11 +65,32 @@ def test_yaml_config_with_cli_overrides(tmp_path):
     assert args.fsdp_config["activation_checkpointing"] is True
 
 
-@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_config_file_loads(config):
-    model_args, data_args, args = parse_train_args(["--config", str(config)])
-    assert model_args.model_name_or_path and data_args.data_path and args.output_dir
-    assert args.learning_rate > 0 and args.model_max_length >= 256
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_alpaca_recipes_train_on_the_real_52k_set():
+    recipes = [c for c in CONFIGS if "alpaca" in c.name]
+    assert len(recipes) == 3
+    for config in recipes:
+        _, data_args, args = parse_train_args(["--config", str(config)])
+        assert data_args.data_path == "tatsu-lab/alpaca" and args.fsdp and args.bf16
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_file_trains(config, request, tmp_path):
+    """Each recipe as it stands (strategy, precision, schedule, batch, FSDP layer class), on 2 CPU processes; only
+    model (a tiny one of the recipe's family), data, output and length are overridden."""
+    tiny_model = request.getfixturevalue("tiny_opt" if config.name.startswith("opt") else "tiny_llama")
+    result = run_command([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(29900 + CONFIGS.index(config)), "train.py", "--config", str(config),
+                          "--model_name_or_path", str(tiny_model), "--data_path", str(SAMPLE_DATA),
+                          "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--disable_tqdm", "True"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "train_results.json").read_text())
+    assert summary["world_size"] == 2 and len(summary["losses"]) == 1
+    assert summary["strategy"] == ("fsdp" if "alpaca" in config.name else "ddp")
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """End to end with the real built-in model (SmolLM2-135M-Instruct) and real Alpaca data."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -47,11 +48,20 @@ def test_fine_tune_smollm2_on_real_alpaca_records(smollm2, tmp_path):
 
 
 def test_demo_command(tmp_path):
-    """The README's first command (shortened): answers before and after, the loss, a model folder."""
-    result = run_command([str(REPO / ".venv" / "bin" / "instructune") if (REPO / ".venv" / "bin" / "instructune").exists()
-                          else "instructune", "demo", "--max_steps", "2", "--output_dir", str(tmp_path / "demo")])
+    """The README's first command (shortened), run outside the checkout: the held-out loss falls, answers before
+    and after, a model folder."""
+    command = str(REPO / ".venv" / "bin" / "instructune") if (REPO / ".venv" / "bin" / "instructune").exists() else "instructune"
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "old-run.txt").write_text("the demo config overwrites its own output folder")
+    result = run_command([command, "demo", "--max_steps", "8", "--output_dir", "demo"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "demo" / "old-run.txt").exists()
     out = result.stdout
-    assert out.index("=== before fine-tuning") < out.index("=== after fine-tuning") < out.index("training loss")
+    assert out.index("=== before fine-tuning") < out.index("=== after fine-tuning") < out.index("held-out loss")
     assert out.count("Q: What is the capital of Spain?") == 2
+    heldout = re.search(r"held-out loss \(16 records never trained on\): ([\d.]+) → ([\d.]+) \(fell\)", out)
+    assert heldout and float(heldout[2]) < float(heldout[1]) - 0.05, out[-500:]
+    summary = json.loads((tmp_path / "demo" / "train_results.json").read_text())
+    assert [e["loss"] for e in summary["heldout_losses"]] == pytest.approx([float(heldout[1]), float(heldout[2])], abs=1e-3)
+    assert summary["data"]["heldout"] == 16 and summary["data"]["kept"] == 125
     assert (tmp_path / "demo" / "config.json").exists() and (tmp_path / "demo" / "loss_curve.png").exists()

@@ -1,0 +1,54 @@
+"""The package works outside the checkout: the wheel carries ds_configs/, configs/ and the sample data, and an
+installed instructune finds them from any directory."""
+
+import os
+import subprocess
+import zipfile
+
+from conftest import PYTHON, REPO
+
+SHIPPED = [
+    "instructune/resources/alpaca_data.json",
+    *(f"instructune/resources/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")),
+    *(f"instructune/resources/ds_configs/{p.name}" for p in (REPO / "ds_configs").glob("*.json")),
+]
+
+# What the demo and `--strategy zero3` look up, asked of the installed package from a foreign directory.
+LOOKUP = """
+import json, sys, instructune
+from instructune.config import parse_train_args
+_, data, args = parse_train_args(["--config", "configs/smollm2-135m-cpu.yaml", "--strategy", "zero3", "--output_dir", "o"])
+print(json.dumps({"package": instructune.__file__, "deepspeed": args.deepspeed, "data_path": data.data_path,
+                  "max_steps": args.max_steps}))
+"""
+
+
+def test_wheel_ships_the_configs_and_works_outside_the_checkout(tmp_path):
+    built = subprocess.run([PYTHON, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(REPO),
+                            "-w", str(tmp_path / "dist")], capture_output=True, text=True, cwd=tmp_path)
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("instructune-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert len(SHIPPED) >= 10 and all(name in names for name in SHIPPED), sorted(set(SHIPPED) - set(names))
+    for name in SHIPPED:  # real copies, equal to the repo's files
+        assert zipfile.ZipFile(wheel).read(name) == (REPO / name.removeprefix("instructune/resources/")).read_bytes()
+
+    site = tmp_path / "site"  # the wheel installed on its own, ahead of the checkout's editable install
+    installed = subprocess.run([PYTHON, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                               capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    looked_up = subprocess.run([PYTHON, "-c", LOOKUP], capture_output=True, text=True, cwd=elsewhere, env=env)
+    assert looked_up.returncode == 0, looked_up.stderr[-2000:]
+    import json
+
+    found = json.loads(looked_up.stdout.strip().splitlines()[-1])
+    resources = site / "instructune" / "resources"
+    assert found["package"].startswith(str(site))
+    assert found["deepspeed"] == str(resources / "ds_configs" / "zero3.json")
+    assert found["data_path"] == str(resources / "alpaca_data.json") and found["max_steps"] == 64
+    helped = subprocess.run([str(site / "bin" / "instructune"), "train", "--help"], capture_output=True, text=True,
+                            cwd=elsewhere, env=env)
+    assert helped.returncode == 0 and "--data_path" in helped.stdout and "--strategy NAME" in helped.stdout, helped.stderr
