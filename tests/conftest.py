@@ -97,3 +97,28 @@ def run_command(args: list[str], timeout: int = 600, cwd: Path = REPO, **env) ->
 
 
 PYTHON = sys.executable
+
+
+def assert_same_tensors(got: dict, expected: dict, tolerance: float = 0.0) -> None:
+    """Same non-empty set of names, and every tensor equal (bitwise, or within `tolerance`)."""
+    import torch
+
+    assert expected and got.keys() == expected.keys(), sorted(set(got) ^ set(expected))[:5]
+    for name, tensor in expected.items():
+        if tolerance:
+            assert (got[name] - tensor).abs().max() <= tolerance, name
+        else:
+            assert torch.equal(got[name], tensor), name
+
+
+def training_loss(model, tokenizer, count: int = 16) -> float:
+    """Mean loss of `model` on the first `count` sample records, as trained (Alpaca template, masked prompt)."""
+    import torch
+
+    from instructune.data import encode_records, load_records
+
+    records, _ = load_records(str(SAMPLE_DATA))
+    examples, _ = encode_records(records[:count], tokenizer, "alpaca", 256)
+    with torch.no_grad():
+        losses = [model(**{k: torch.tensor([v]) for k, v in e.items()}).loss for e in examples]
+    return float(torch.stack(losses).mean())

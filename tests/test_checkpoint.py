@@ -12,7 +12,7 @@ from instructune.errors import UserError
 from instructune.generate import answer
 from instructune.tensorio import TensorFolder
 
-from conftest import PYTHON, REPO, run_command
+from conftest import PYTHON, REPO, assert_same_tensors, run_command
 from test_train import tiny_run_flags
 
 
@@ -31,9 +31,9 @@ def test_reshard_bin_to_safetensors_and_back_bitwise(tiny_opt, tmp_path):
     reshard(tmp_path / "sharded", tmp_path / "single", max_shard_size="1GB")
     assert (tmp_path / "single" / "model.safetensors").exists()
     for folder in ("sharded", "single"):
-        assert all(torch.equal(t, original[n]) for n, t in tensors(tmp_path / folder).items())
+        assert_same_tensors(tensors(tmp_path / folder), original)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "single")
-    assert all(torch.equal(p, model.state_dict()[n]) for n, p in reloaded.state_dict().items())
+    assert_same_tensors(reloaded.state_dict(), model.state_dict())
 
 
 def test_reshard_to_bf16(tiny_llama, tmp_path):
@@ -42,7 +42,7 @@ def test_reshard_to_bf16(tiny_llama, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     original = tensors(tiny_llama)
-    assert all(torch.equal(t, original[n].to(torch.bfloat16)) for n, t in tensors(tmp_path / "bf16").items())
+    assert_same_tensors(tensors(tmp_path / "bf16"), {n: t.to(torch.bfloat16) for n, t in original.items()})
     assert (tmp_path / "bf16" / "tokenizer.json").exists()
 
 
@@ -73,15 +73,18 @@ def test_zero_checkpoint_converts_to_the_trained_weights(strategy, model_name, r
                              "--max_shard_size", "200KB"])
     assert converted.returncode == 0, converted.stderr[-3000:]
     # fp32 training: the final model is the fp32 master weights, which the checkpoint holds
-    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
-    assert all(torch.equal(p, expected[n]) for n, p in loaded.state_dict().items())
+    assert_same_tensors(loaded.state_dict(), trained.state_dict())
     if model_name == "opt":  # tied: stored once, still tied after loading
         assert "lm_head.weight" not in tensors(tmp_path / "hf")
         assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
     from transformers import AutoTokenizer
 
-    assert isinstance(answer(loaded, AutoTokenizer.from_pretrained(tmp_path / "hf"), "Say hi.", max_new_tokens=4), str)
+    # the converted folder answers as the trained model does (its tokenizer and config came along)
+    tokenizer, trained_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf"), AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert answer(loaded, tokenizer, "Say hi.", max_new_tokens=6) == answer(trained, trained_tokenizer, "Say hi.", max_new_tokens=6)
+    assert len(tokenizer) == len(trained_tokenizer) == loaded.get_input_embeddings().weight.shape[0]
 
 
 @pytest.mark.slow
@@ -103,4 +106,4 @@ def test_fsdp_sharded_checkpoint_converts_and_final_model_is_saved(tiny_llama, t
     assert converted.returncode == 0, converted.stderr[-3000:]
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).state_dict()
-    assert final.keys() == loaded.keys() and all(torch.equal(loaded[n], final[n]) for n in final)
+    assert_same_tensors(loaded, final)

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from instructune.tensorio import TensorFolder
 
-from conftest import PYTHON, REPO, run_command
+from conftest import PYTHON, REPO, assert_same_tensors, run_command
+from helpers.probe import read_probes
 from test_train import check_model_folder, tiny_run_flags
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -44,7 +45,7 @@ def weights(folder) -> dict[str, torch.Tensor]:
 
 
 def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
+    assert a and a.keys() == b.keys()
     return max((a[name] - b[name]).abs().max().item() for name in a)
 
 
@@ -54,10 +55,10 @@ def equivalence_flags(model, output_dir) -> list[str]:
     return tiny_run_flags(model, output_dir, steps=16, learning_rate=1e-3)
 
 
-def train_with(model, output_dir, *flags, launcher=torchrun) -> dict:
-    result = launcher("train.py", *equivalence_flags(model, output_dir), *flags)
+def train_with(model, output_dir, *flags, launcher=torchrun, script="train.py") -> dict:
+    result = launcher(script, *equivalence_flags(model, output_dir), *flags)
     assert result.returncode == 0, result.stderr[-4000:]
-    return check_model_folder(output_dir, world_size=2, loss_drop=0.2)
+    return check_model_folder(output_dir, model, world_size=2, loss_drop=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +69,11 @@ def ddp_weights(tmp_path_factory, tiny_llama, tiny_opt):
         work = tmp_path_factory.mktemp(f"ddp-{name}")
         result = torchrun("tests/helpers/train_and_dump.py", str(work), *equivalence_flags(model, work / "out"))
         assert result.returncode == 0, result.stderr[-4000:]
-        summary = check_model_folder(work / "out", world_size=2, loss_drop=0.2)
+        summary = check_model_folder(work / "out", model, world_size=2, loss_drop=0.2)
         assert summary["strategy"] == "ddp" and summary["model_wrapper"] == "DistributedDataParallel"
         assert summary["metrics"]["epoch"] == pytest.approx(16 * 8 * 2 / 125, rel=0.05)  # twice one process's data
         rank0, rank1 = load_file(work / "rank0.safetensors"), load_file(work / "rank1.safetensors")
-        assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[n], rank1[n]) for n in rank0)
+        assert_same_tensors(rank0, rank1)
         runs[name] = weights(work / "out")
     return runs
 
@@ -91,10 +92,14 @@ def test_strategies_train_the_same_model(strategy, model_name, ddp_weights, requ
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp", "fsdp_offload"])
 def test_bf16_and_gradient_checkpointing(strategy, tiny_llama, tmp_path):
+    dump = tmp_path / "dump"
+    dump.mkdir()
     summary = train_with(tiny_llama, tmp_path / "out", "--strategy", strategy, "--bf16", "True",
-                         "--gradient_checkpointing", "True")
+                         "--gradient_checkpointing", "True", script="tests/helpers/train_and_dump.py",
+                         launcher=lambda script, *args: torchrun(script, str(dump), *args))
     family = strategy.removesuffix("_offload")
     assert summary["strategy"] == STRATEGY_NAMES[family] and summary["model_wrapper"].startswith(WRAPPERS[family])
+    assert read_probes(dump) == [{"gradient_checkpointing": True, "forward_dtype": "bfloat16"}] * 2
 
 
 def test_alpaca_fsdp_command(tiny_llama, tmp_path):
@@ -102,7 +107,7 @@ def test_alpaca_fsdp_command(tiny_llama, tmp_path):
     result = torchrun("train.py", *tiny_run_flags(tiny_llama, tmp_path / "out"), *flags)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "--evaluation_strategy is --eval_strategy" in result.stderr and "--tf32 ignored" in result.stderr
-    summary = check_model_folder(tmp_path / "out", world_size=2)
+    summary = check_model_folder(tmp_path / "out", tiny_llama, world_size=2)
     assert summary["strategy"] == "fsdp" and summary["model_wrapper"].startswith("FSDP")
 
 
@@ -140,7 +145,7 @@ def test_two_nodes_on_loopback(ddp_weights, tiny_llama, tmp_path):
     ]
     errors = [node.communicate(timeout=600)[1] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
-    summary = check_model_folder(tmp_path / "out", world_size=2, loss_drop=0.2)
+    summary = check_model_folder(tmp_path / "out", tiny_llama, world_size=2, loss_drop=0.2)
     assert summary["strategy"] == "ddp"
     assert max_difference(weights(tmp_path / "out"), ddp_weights["llama"]) < 1e-5
 

@@ -7,6 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from instructune.generate import answer, load_for_generation
+
 from conftest import PYTHON, REPO, SHARED_DATA, run_command
 
 pytestmark = pytest.mark.slow
@@ -39,12 +41,13 @@ def test_fine_tune_smollm2_on_real_alpaca_records(smollm2, tmp_path):
     assert len(losses) == 6 and sum(losses[3:]) < sum(losses[:3]), losses  # epoch 2 fits the same records better
     assert len(json.loads((output_dir / "model.safetensors.index.json").read_text())["weight_map"]) == 272
 
-    reply = run_command(
-        [PYTHON, "-m", "instructune.cli", "generate", "--model_name_or_path", str(output_dir),
-         "--instruction", "Name three primary colours.", "--max_new_tokens", "16"]
-    )
+    question = "Name three primary colours."
+    reply = run_command([PYTHON, "-m", "instructune.cli", "generate", "--model_name_or_path", str(output_dir),
+                         "--instruction", question, "--max_new_tokens", "16"])
     assert reply.returncode == 0, reply.stderr[-2000:]
-    assert len(reply.stdout.strip()) > 3
+    # the command answers with the fine-tuned weights (not the base model's), through Alpaca's template
+    tuned, base = load_for_generation(str(output_dir)), load_for_generation(str(smollm2))
+    assert reply.stdout.strip() == answer(*tuned, question, max_new_tokens=16) != answer(*base, question, max_new_tokens=16)
 
 
 def test_demo_command(tmp_path):

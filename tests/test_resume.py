@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from instructune.checkpoint import resume
 
-from conftest import PYTHON, REPO, run_command
+from conftest import PYTHON, REPO, assert_same_tensors, run_command
 from test_train import tiny_run_flags
 
 
@@ -89,11 +89,7 @@ def test_killed_job_resumes_to_the_same_result(strategy, kill_when, tolerance, t
 
     expected_weights, expected_losses = final_state(tmp_path / "reference")
     weights, losses = final_state(out)
-    for name, tensor in expected_weights.items():
-        if tolerance == 0.0:
-            assert torch.equal(weights[name], tensor), name
-        else:
-            assert (weights[name] - tensor).abs().max() <= tolerance, name
+    assert_same_tensors(weights, expected_weights, tolerance)
     resumed_from = int(expected_resume.split("-")[1])
     assert losses[resumed_from:] == pytest.approx(expected_losses[resumed_from:], abs=tolerance * 10)
     assert [p.name for _, p in resume.checkpoints(out)] == [f"checkpoint-{STEPS}"]  # save_total_limit 1

@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from instructune.cli import main
+from instructune.cli import main, run, train
 from instructune.generate import answer
 
-from conftest import SAMPLE_DATA
+from conftest import SAMPLE_DATA, assert_same_tensors, training_loss
+from helpers.probe import ProbeTraining, read_probes
 
 
 def tiny_run_flags(model: Path, output_dir: Path, steps: int = 40, learning_rate: float = 2e-3) -> list[str]:
@@ -24,8 +25,9 @@ def tiny_run_flags(model: Path, output_dir: Path, steps: int = 40, learning_rate
     ]
 
 
-def check_model_folder(output_dir: Path, world_size: int = 1, loss_drop: float = 0.5) -> dict:
-    """The folder is a complete, sharded Hugging Face model that loads and generates; returns the summary."""
+def check_model_folder(output_dir: Path, base: Path, world_size: int = 1, loss_drop: float = 0.5) -> dict:
+    """The folder is a complete, sharded Hugging Face model that loads, fits its training data better than the
+    base model did, and generates differently from it; returns the run summary."""
     index = json.loads((output_dir / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) >= 2 and all((output_dir / shard).exists() for shard in shards)
@@ -44,11 +46,14 @@ def check_model_folder(output_dir: Path, world_size: int = 1, loss_drop: float =
     for shard in shards:
         weights.update(load_file(output_dir / shard))
     state = model.state_dict()
-    for name, tensor in weights.items():
-        assert torch.equal(state[name], tensor), name
+    assert_same_tensors({name: state[name] for name in weights}, weights)
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
-    reply = answer(model, tokenizer, "What is the capital of France?", max_new_tokens=8)
-    assert isinstance(reply, str)
+
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    base_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the pad token training added
+    assert training_loss(model, tokenizer) < training_loss(base_model, tokenizer) - loss_drop
+    question = "Give three tips for staying healthy."
+    assert answer(model, tokenizer, question, max_new_tokens=8) != answer(base_model, tokenizer, question, max_new_tokens=8)
     return summary
 
 
@@ -57,7 +62,7 @@ def test_training_writes_a_loadable_model_folder(model_fixture, request, tmp_pat
     model = request.getfixturevalue(model_fixture)
     output_dir = tmp_path / "out"
     assert main(["train", *tiny_run_flags(model, output_dir)]) == 0
-    summary = check_model_folder(output_dir)
+    summary = check_model_folder(output_dir, model)
     assert summary["strategy"] == "single-process"
     assert summary["data"]["kept"] == summary["data"]["records"] == 125
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
@@ -70,7 +75,8 @@ def test_alpaca_flags_train_with_bf16_and_gradient_checkpointing(tiny_llama, tmp
         "--bf16", "True", "--tf32", "True", "--evaluation_strategy", "no", "--warmup_ratio", "0.03",
         "--gradient_checkpointing", "True", "--weight_decay", "0.",
     ]
-    assert main(["train", *flags]) == 0
-    check_model_folder(output_dir)
+    assert run(lambda: train.main(flags, callbacks=[ProbeTraining(tmp_path)])) == 0
+    check_model_folder(output_dir, tiny_llama)
+    assert read_probes(tmp_path) == [{"gradient_checkpointing": True, "forward_dtype": "bfloat16"}]
     # fp32 master weights are saved even though the forward pass ran in bf16
     assert json.loads((output_dir / "config.json").read_text())["dtype"] == "float32"

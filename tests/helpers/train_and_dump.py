@@ -1,4 +1,5 @@
-"""train.py plus a callback that saves each rank's final weights, so that a test can compare ranks.
+"""train.py plus callbacks that save each rank's final weights (so that a test can compare ranks) and what the
+run really did (probe.py).
 
     torchrun --nproc_per_node 2 tests/helpers/train_and_dump.py DUMP_DIR <train.py flags>
 """
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 from transformers import TrainerCallback
 
 from instructune.cli import run, train
+from probe import ProbeTraining
 
 
 class DumpWeights(TrainerCallback):
@@ -28,4 +30,4 @@ class DumpWeights(TrainerCallback):
 
 
 if __name__ == "__main__":
-    sys.exit(run(lambda: train.main(sys.argv[2:], callbacks=[DumpWeights(Path(sys.argv[1]))])))
+    sys.exit(run(lambda: train.main(sys.argv[2:], callbacks=[DumpWeights(Path(sys.argv[1])), ProbeTraining(Path(sys.argv[1]))])))
