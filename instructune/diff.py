@@ -2,8 +2,11 @@
 of the raw one. Tensor by tensor, so memory stays near the largest tensor whatever the model size.
 
 A diff folder is a Hugging Face model folder (the tuned config and tokenizer, one diff tensor per
-weight) plus `weight_diff.json`, a manifest with the SHA-256 of every raw tensor and of every
-recovered one: a wrong base is refused before anything is written and a damaged diff is named.
+weight) plus `weight_diff.json`, a manifest with the SHA-256 of every raw tensor, of every recovered
+one and of every other file it ships (config, tokenizer): a wrong base is refused before anything is
+written, a damaged diff is named, and nothing unverified reaches the recovered folder. The manifest
+and the shard index are validated, a diff folder holds plain files only (no links), and every name
+they give stays inside it.
 
 Encodings:
 - "float" (default): `tuned − raw` in fp32, Stanford Alpaca's released format. Rows that the tuned
@@ -15,6 +18,7 @@ Encodings:
 Alpaca's own diff folders (no manifest) are recovered the way Alpaca's weight_diff.py does.
 """
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -24,11 +28,15 @@ import torch
 from tqdm.auto import tqdm
 
 from instructune.errors import UserError
-from instructune.tensorio import ShardWriter, TensorFolder, atomic_folder, copy_model_files, tensor_sha256
+from instructune.tensorio import (MODEL_FILES, ShardWriter, TensorFolder, atomic_folder, copy_model_files, inside,
+                                  tensor_sha256)
 
 logger = logging.getLogger("instructune")
 
 MANIFEST = "weight_diff.json"
+FORMAT, VERSION = "instructune-weight-diff", 2
+ENTRY_FIELDS = {"raw_shape": list, "raw_sha256": str, "dtype": str, "added_rows": int, "diff_sha256": str,
+                "recovered_sha256": str}
 DIFF_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
 ALPACA_7B_SUM = 50637.1836  # Alpaca's hard-coded sum of its recovered 7B weights
@@ -57,7 +65,8 @@ def make_diff(path_raw, path_tuned, path_diff, exact: bool = False, dtype: str =
         _base_rows(raw, name, tuned.tensors[name].shape)  # refuse mismatches before writing anything
     plan = [(n, tuned.tensors[n].shape, BITS[tuned.tensors[n].dtype] if exact else diff_dtype) for n in names]
 
-    manifest = {"format": "instructune-weight-diff", "version": 1, "encoding": encoding,
+    _require_config(tuned.path)
+    manifest = {"format": FORMAT, "version": VERSION, "encoding": encoding,
                 "model_type": _model_type(tuned.path), "tensors": {}}
     max_error, total = 0.0, 0
     with atomic_folder(Path(path_diff)) as staging:
@@ -88,17 +97,21 @@ def make_diff(path_raw, path_tuned, path_diff, exact: bool = False, dtype: str =
         writer.close()
         manifest["max_abs_error"] = max_error
         copy_model_files(tuned.path, staging)
+        manifest["files"] = {f.name: _file_sha256(f) for f in sorted(staging.iterdir()) if MODEL_FILES.match(f.name)}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return DiffReport(len(names), total, max_error)
 
 
 def recover(path_raw, path_diff, path_tuned=None, device: str = "cpu", expected_sum: float | None = None) -> DiffReport:
     """Rebuild the tuned model into `path_tuned` (or only check, without it); all checks pass before it appears."""
+    _refuse_links(Path(path_diff))
     raw, diff = TensorFolder(path_raw), TensorFolder(path_diff)
+    _require_config(diff.path)
     _check_same_architecture(raw.path, diff.path)
-    manifest_file = diff.path / MANIFEST
-    manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else None
+    manifest = _read_manifest(diff.path / MANIFEST)
     names = diff.names()
+    if manifest is None:
+        _accept_without_manifest(diff)
     entries = manifest["tensors"] if manifest else {}
     if manifest and set(entries) != set(names):
         missing = sorted(set(entries) ^ set(names))[0]
@@ -140,7 +153,83 @@ def recover(path_raw, path_diff, path_tuned=None, device: str = "cpu", expected_
         if writer:
             writer.close()
             copy_model_files(diff.path, staging)
+            if manifest:
+                _verify_files(staging, manifest["files"], diff.path)
     return DiffReport(len(names), total, manifest["max_abs_error"] if manifest else float("nan"), weight_sum.item())
+
+
+def _require_config(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder}: no config.json (a model or diff folder needs one)")
+
+
+def _refuse_links(folder: Path) -> None:
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if path.is_symlink():
+            raise UserError(f"{path}: a symbolic link; a diff folder holds plain files only")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_manifest(path: Path) -> dict | None:
+    """The validated manifest, or None if the diff has none (Alpaca's own diffs)."""
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    def bad(what: str):
+        return UserError(f"{path}: {what}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise bad(f"not an instructune weight-diff manifest (format {FORMAT!r})")
+    if manifest.get("version") != VERSION:
+        raise bad(f"manifest version {manifest.get('version')!r}; this instructune reads version {VERSION}")
+    if manifest.get("encoding") not in ("float", "exact"):
+        raise bad(f"encoding {manifest.get('encoding')!r}; expected 'float' or 'exact'")
+    if not isinstance(manifest.get("max_abs_error"), (int, float)):
+        raise bad("'max_abs_error' must be a number")
+    tensors, files = manifest.get("tensors"), manifest.get("files")
+    if not isinstance(tensors, dict) or not tensors:
+        raise bad("'tensors' must map tensor names to their entries")
+    for name, entry in tensors.items():
+        for field, kind in ENTRY_FIELDS.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get(field), kind):
+                raise bad(f"tensor {name}: field {field!r} must be a {kind.__name__}")
+        if not hasattr(torch, entry["dtype"]) or not isinstance(getattr(torch, entry["dtype"]), torch.dtype):
+            raise bad(f"tensor {name}: unknown dtype {entry['dtype']!r}")
+    if not isinstance(files, dict) or "config.json" not in files or not all(isinstance(v, str) for v in files.values()):
+        raise bad("'files' must map every shipped file (config.json included) to its SHA-256")
+    for name in files:
+        inside(path.parent, name, path)
+    return manifest
+
+
+def _accept_without_manifest(diff: TensorFolder) -> None:
+    integer = next((n for n, i in diff.tensors.items() if not i.dtype.is_floating_point), None)
+    if integer:
+        raise UserError(f"{diff.path}: no {MANIFEST}, and tensor {integer} is an integer (exact) diff, which cannot "
+                        "be recovered or checked without its manifest")
+    logger.warning("%s: no %s, so nothing can be verified (an Alpaca-format diff); pass --expected_sum to check "
+                   "the sum of the recovered weights", diff.path, MANIFEST)
+
+
+def _verify_files(staging: Path, expected: dict[str, str], source: Path) -> None:
+    """Every file copied into the recovered folder is one the manifest lists, with its checksum, and none is missing."""
+    copied = {f.name for f in staging.iterdir() if MODEL_FILES.match(f.name)}
+    for name in sorted(copied | set(expected)):
+        if name not in expected:
+            raise UserError(f"{source / name}: not listed in {MANIFEST}; refusing to ship an unverified file")
+        if name not in copied:
+            raise UserError(f"{source / name}: listed in {MANIFEST} but missing")
+        if _file_sha256(staging / name) != expected[name]:
+            raise UserError(f"{source / name}: does not match its checksum in {MANIFEST}")
 
 
 def _check_base(raw: TensorFolder, diff: TensorFolder, names: list[str], entries: dict) -> None:

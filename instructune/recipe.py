@@ -8,6 +8,8 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
+import torch
+
 from transformers import DataCollatorForSeq2Seq, TrainerCallback
 
 from instructune import distributed, models
@@ -30,13 +32,21 @@ class TrainOutcome:
 
 
 def resume_point(args: TrainingArguments) -> str | None:
-    """--resume_from_checkpoint PATH as given; 'auto': the newest complete checkpoint in output_dir, if any."""
+    """--resume_from_checkpoint PATH, checked complete; 'auto': the last completed checkpoint in output_dir, if
+    any, chosen by the main process and received by every other (all ranks resume the same one)."""
+    if not args.resume_from_checkpoint:
+        return None
     if args.resume_from_checkpoint != "auto":
-        return args.resume_from_checkpoint
-    latest = resume.latest_complete(args.output_dir)
-    logger.info("resuming from %s" if latest else "no complete checkpoint in %s: starting from the beginning",
-                latest or args.output_dir)
-    return str(latest) if latest else None
+        return str(resume.check_resumable(args.resume_from_checkpoint))
+    chosen = [None]
+    if args.process_index == 0:
+        latest = resume.latest_complete(args.output_dir)
+        logger.info("resuming from %s" if latest else "no complete checkpoint in %s: starting from the beginning",
+                    latest or args.output_dir)
+        chosen = [str(latest) if latest else None]
+    if distributed.is_initialized():
+        torch.distributed.broadcast_object_list(chosen, src=0)
+    return chosen[0]
 
 
 def train(
@@ -45,7 +55,8 @@ def train(
     training_args: TrainingArguments,
     callbacks: list[TrainerCallback] | None = None,
 ) -> TrainOutcome:
-    # 1. Data: read and validate every record.
+    # 1. Data: read and validate every record; and where to resume from, if asked.
+    checkpoint = resume_point(training_args)
     records, skipped = load_records(data_args.data_path, strict=data_args.strict_data)
 
     # 2. Tokenizer, with the pad and EOS tokens that training needs; then the examples.
@@ -90,7 +101,7 @@ def train(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    result = trainer.train(resume_from_checkpoint=resume_point(training_args))
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     if validation:
         trainer.evaluate()
 

@@ -8,6 +8,7 @@ the tensors' shapes first and then streams each tensor's bytes into its place: t
 ordinary safetensors shards with a standard `model.safetensors.index.json`.
 """
 
+import errno
 import hashlib
 import json
 import math
@@ -51,6 +52,27 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
+def read_index(index: Path) -> dict[str, str]:
+    """The weight_map of a sharded model's index file, validated: {tensor name: shard file name}."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{index}: not a model index (a JSON object with a 'weight_map')") from None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise UserError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    return weight_map
+
+
+def inside(folder: Path, name: str, named_by: Path) -> Path:
+    """folder/name, refused unless it is a plain file name in the folder (no '..', no link out of it)."""
+    path = folder / name
+    if Path(name).name != name or name in ("", ".", "..") or path.is_symlink():
+        raise UserError(f"{named_by}: names {name!r}, which is not a file of {folder}")
+    return path
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -80,10 +102,9 @@ class TensorFolder:
         for stem in ("model.safetensors", "pytorch_model.bin"):
             index = self.path / f"{stem}.index.json"
             if index.exists():
-                weight_map = json.loads(index.read_text())["weight_map"]
-                return [self.path / name for name in dict.fromkeys(weight_map.values())]
+                return [inside(self.path, name, index) for name in dict.fromkeys(read_index(index).values())]
             if (self.path / stem).exists():
-                return [self.path / stem]
+                return [inside(self.path, stem, self.path)]
         raise UserError(f"{self.path}: no model weights (model.safetensors or pytorch_model.bin, single or sharded)")
 
     def _read_header(self, file: Path) -> list[TensorInfo]:
@@ -214,6 +235,8 @@ class atomic_folder:
         if self.target.exists():
             raise UserError(f"{self.target}: already exists; choose a new folder")
         self.target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.target.parent.glob(f".{self.target.name}.partial-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
         self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
         return self.staging
 
@@ -223,5 +246,12 @@ class atomic_folder:
         if error_type is None:
             self.staging.chmod(0o755)
             self.staging.rename(self.target)
-        else:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            return
+        shutil.rmtree(self.staging, ignore_errors=True)
+        if out_of_space(error):
+            raise UserError(f"no space left while writing {self.target}; nothing was written") from None
+
+
+def out_of_space(error: BaseException | None) -> bool:
+    """Disk full, quota exceeded, or the file-size limit (ulimit -f) reached."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

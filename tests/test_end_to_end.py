@@ -33,7 +33,7 @@ def test_fine_tune_smollm2_on_real_alpaca_records(smollm2, tmp_path):
         [PYTHON, "-m", "instructune.cli", "train", "--config", "configs/smollm2-135m-cpu.yaml",
          "--data_path", str(data), "--output_dir", str(output_dir), "--max_steps", "6",
          "--per_device_train_batch_size", "4", "--learning_rate", "1e-4", "--model_max_length", "192",
-         "--disable_tqdm", "True", "--max_shard_size", "200MB"]
+         "--disable_tqdm", "True", "--max_shard_size", "200MB", "--val_set_size", "0"]
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((output_dir / "train_results.json").read_text())

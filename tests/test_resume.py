@@ -15,26 +15,27 @@ from conftest import PYTHON, REPO, assert_same_tensors, run_command
 from test_train import tiny_run_flags
 
 
-def _make_checkpoints(root, steps_complete, steps_incomplete):
+def make_checkpoints(root, steps_complete, steps_incomplete):
+    """Checkpoint folders; the complete ones are completed in the order given."""
     for step in steps_complete + steps_incomplete:
         (root / f"checkpoint-{step}").mkdir(parents=True)
-        if step in steps_complete:
-            resume.mark_complete(root / f"checkpoint-{step}")
+    for step in steps_complete:
+        resume.mark_complete(root / f"checkpoint-{step}", step)
 
 
 def test_latest_complete_skips_incomplete_checkpoints(tmp_path, caplog):
     caplog.set_level("INFO", logger="instructune")
-    _make_checkpoints(tmp_path, [4, 8], [12])
+    make_checkpoints(tmp_path, [4, 8], [12])
     assert resume.latest_complete(tmp_path) == tmp_path / "checkpoint-8"
     assert "skipping" in caplog.text and "checkpoint-12" in caplog.text
     assert resume.latest_complete(tmp_path / "missing") is None
 
 
 def test_rotation_never_deletes_the_last_good_checkpoint(tmp_path):
-    _make_checkpoints(tmp_path, [4, 8], [12])
+    make_checkpoints(tmp_path, [4, 8], [12])
     resume.rotate(tmp_path, keep=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-12", "checkpoint-8"]
-    _make_checkpoints(tmp_path / "b", [4, 12], [8])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-8"]  # the incomplete leftover goes too
+    make_checkpoints(tmp_path / "b", [4, 12], [8])
     resume.rotate(tmp_path / "b", keep=1, protect=str(tmp_path / "b" / "checkpoint-4"))
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint-12", "checkpoint-4"]
 
@@ -92,4 +93,4 @@ def test_killed_job_resumes_to_the_same_result(strategy, kill_when, tolerance, t
     assert_same_tensors(weights, expected_weights, tolerance)
     resumed_from = int(expected_resume.split("-")[1])
     assert losses[resumed_from:] == pytest.approx(expected_losses[resumed_from:], abs=tolerance * 10)
-    assert [p.name for _, p in resume.checkpoints(out)] == [f"checkpoint-{STEPS}"]  # save_total_limit 1
+    assert [p.name for p in resume.checkpoints(out)] == [f"checkpoint-{STEPS}"]  # save_total_limit 1

@@ -1,65 +1,127 @@
-"""Crash-safe checkpoints: a checkpoint counts only once every rank has finished writing it.
+"""Crash-safe checkpoints: a checkpoint counts only if this run completed it.
 
 The Trainer writes `checkpoint-N/` in place and rotates old ones as soon as the main process is done,
 so a job killed mid-save leaves a half-written newest checkpoint and may already have deleted the
-last good one. Here a checkpoint is marked complete (a marker file, written last, after all ranks
-synchronise), `--resume_from_checkpoint auto` takes the newest complete one, and rotation never
-deletes a complete checkpoint to make room for an incomplete one.
+last good one. Here:
+- the marker of a checkpoint is removed before it is (re)written, and written last, after every
+  rank has finished and the files and folder are fsync'ed; it records the step, the run and when;
+- "newest" means last completed (the runs' history), not the highest step number: a run resumed
+  from an earlier checkpoint writes steps that an older run already wrote;
+- rotation keeps the newest `keep` complete checkpoints (and the best one), never the newest less,
+  and removes incomplete leftovers;
+- an explicit --resume_from_checkpoint that is missing or incomplete is a one-line error, and
+  under `auto` rank 0 chooses and every rank resumes the same checkpoint.
 """
 
+import json
 import logging
 import os
 import re
 import shutil
+import time
+import uuid
 from pathlib import Path
+
+from instructune.errors import UserError
 
 logger = logging.getLogger("instructune")
 
 COMPLETE_MARKER = "instructune-checkpoint-complete"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+RUN_ID = uuid.uuid4().hex  # this process's run; only the main process writes markers
 
 
-def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every checkpoint folder in output_dir, oldest first."""
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """Every checkpoint folder in output_dir, by step."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))]
-    return sorted(found)
+    return [p for _, p in sorted(found)]
 
 
-def is_complete(checkpoint: Path) -> bool:
-    return (checkpoint / COMPLETE_MARKER).exists()
-
-
-def mark_complete(checkpoint: Path) -> None:
-    marker = checkpoint / COMPLETE_MARKER
-    with open(marker, "w") as f:
-        f.write("complete\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def latest_complete(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint; incomplete ones after it are named in the log and skipped."""
-    for step, folder in reversed(checkpoints(output_dir)):
-        if is_complete(folder):
-            return folder
-        logger.info("skipping %s: incomplete (the run stopped while saving it)", folder)
+def completion(checkpoint: Path) -> dict | None:
+    """The marker's record ({step, run_id, completed_at}), or None if the checkpoint is incomplete."""
+    try:
+        record = json.loads((checkpoint / COMPLETE_MARKER).read_text())
+        match = CHECKPOINT.match(checkpoint.name)
+        if match and record["step"] == int(match.group(1)) and isinstance(record["completed_at"], float):
+            return record
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     return None
 
 
-def rotate(output_dir: str | Path, keep: int | None, protect: str | None = None) -> None:
-    """Keep the newest `keep` complete checkpoints (and `protect`, the best one); drop older complete
-    ones and incomplete leftovers older than the newest complete checkpoint."""
-    found = checkpoints(output_dir)
-    complete = [folder for _, folder in found if is_complete(folder)]
-    if not complete:
+def is_complete(checkpoint: Path) -> bool:
+    return completion(checkpoint) is not None
+
+
+def unmark(checkpoint: Path) -> None:
+    """Before a checkpoint folder is (re)written: it is incomplete until mark_complete."""
+    (checkpoint / COMPLETE_MARKER).unlink(missing_ok=True)
+    _fsync(checkpoint)
+
+
+def mark_complete(checkpoint: Path, step: int) -> None:
+    for path in sorted(checkpoint.rglob("*"), reverse=True):  # files, then their folders
+        _fsync(path)
+    _fsync(checkpoint)
+    record = {"step": step, "run_id": RUN_ID, "completed_at": time.time()}
+    staging = checkpoint / (COMPLETE_MARKER + ".partial")
+    with open(staging, "w") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    staging.replace(checkpoint / COMPLETE_MARKER)
+    _fsync(checkpoint)
+
+
+def _fsync(path: Path) -> None:
+    if path.is_symlink():
         return
-    newest_step = max(step for step, folder in found if is_complete(folder))
-    kept = {folder.resolve() for folder in (complete[-keep:] if keep and keep > 0 else complete)}
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def history(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints, in the order they were completed (the last is the newest)."""
+    complete = [(record["completed_at"], p) for p in checkpoints(output_dir) if (record := completion(p))]
+    return [p for _, p in sorted(complete)]
+
+
+def latest_complete(output_dir: str | Path) -> Path | None:
+    """The last completed checkpoint; incomplete ones are named in the log and skipped."""
+    for folder in checkpoints(output_dir):
+        if not is_complete(folder):
+            logger.info("skipping %s: incomplete (a run stopped while saving it)", folder)
+    completed = history(output_dir)
+    return completed[-1] if completed else None
+
+
+def check_resumable(checkpoint: str | Path) -> Path:
+    """An explicit --resume_from_checkpoint PATH: it must exist and be complete."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise UserError(f"--resume_from_checkpoint {path}: no such checkpoint folder")
+    if CHECKPOINT.match(path.name) and not is_complete(path):
+        raise UserError(f"--resume_from_checkpoint {path}: incomplete checkpoint (a run stopped while saving it); "
+                        "pass an earlier one or 'auto'")
+    return path
+
+
+def rotate(output_dir: str | Path, keep: int | None, protect: str | None = None) -> None:
+    """Keep the `keep` last completed checkpoints (and `protect`, the best one); delete older complete ones and
+    every incomplete leftover. Called right after a checkpoint is marked, so nothing else is being written."""
+    completed = history(output_dir)
+    if not completed:
+        return
+    kept = set(completed[-keep:] if keep and keep > 0 else completed) | {completed[-1]}
     if protect:
-        kept.add(Path(protect).resolve())
-    for step, folder in found:
-        if folder.resolve() not in kept and (is_complete(folder) or step < newest_step):
+        kept.add(Path(protect))
+    kept = {p.resolve() for p in kept}
+    for folder in checkpoints(output_dir):
+        if folder.resolve() not in kept:
             shutil.rmtree(folder, ignore_errors=True)

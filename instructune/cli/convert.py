@@ -19,7 +19,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("destination", help="the Hugging Face folder to create")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the floating-point weights")
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="load the checkpoint's pickles even if they hold more than plain weights (unpickling can "
+                        "run code: only for files you trust)")
     args = parser.parse_args(argv)
-    count = convert_checkpoint(args.source, args.destination, args.dtype, args.max_shard_size)
+    count = convert_checkpoint(args.source, args.destination, args.dtype, args.max_shard_size, args.trust_checkpoint)
     print(f"{args.destination}: {count} tensors")
     return 0

@@ -1,0 +1,91 @@
+"""Reading DeepSpeed and FSDP checkpoints without running code from them.
+
+A `.pt` file is a pickle, and unpickling can run any code the file names. DeepSpeed's zero_to_fp32
+loads its `*_states.pt` with `torch.load(weights_only=False)`, and torch's distributed-checkpoint
+reader unpickles FSDP's `.metadata` (and loads byte entries with weights_only=False). Here every
+torch.load in a conversion is weights-only with exactly the extra types ZeRO checkpoints hold, and
+`.metadata` is checked by an unpickler that resolves only the names FSDP metadata uses (both lists
+read off real ZeRO-2/3 and FSDP checkpoints); anything else is refused in one line naming the file.
+`--trust_checkpoint` lifts the check for files the user trusts. Can go when DeepSpeed and
+torch.distributed.checkpoint load with weights_only themselves.
+"""
+
+import contextlib
+import pickle
+from pathlib import Path
+
+import torch
+
+from instructune.errors import UserError
+
+# (module, name) that FSDP's .metadata pickle may name: its dataclasses, torch.Size, a dtype, a path.
+METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                 "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+
+
+def _zero_types() -> list:
+    """The types that ZeRO-2/3 `*_states.pt` files hold besides tensors and plain containers."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+def refusal(file, reason: str) -> UserError:
+    return UserError(f"{file}: holds objects other than plain weights ({reason[:200]}); not loaded, since "
+                     "unpickling can run code: pass --trust_checkpoint if you trust this file")
+
+
+@contextlib.contextmanager
+def weights_only_loading(checkpoint: Path, trust: bool = False):
+    """Within the block, every torch.load (DeepSpeed's and torch's own included) is weights-only."""
+    if trust:
+        yield
+        return
+    original = torch.load
+
+    def load(file, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return original(file, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            raise refusal(file if isinstance(file, (str, Path)) else checkpoint, str(e).splitlines()[0]) from None
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(_zero_types()):
+            yield
+    finally:
+        torch.load = original
+
+
+class _Refused(pickle.UnpicklingError):
+    """A name outside the allow-list (as opposed to a damaged pickle)."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) not in METADATA_GLOBALS and not is_dtype:
+            raise _Refused(f"names {module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_metadata(path: Path, trust: bool = False) -> None:
+    """FSDP's .metadata pickle names only what such metadata holds; checked before torch unpickles it."""
+    if trust:
+        return
+    try:
+        with open(path, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror}); the checkpoint is incomplete") from None
+    except _Refused as e:
+        raise refusal(path, str(e)) from None
+    except (pickle.UnpicklingError, EOFError, ValueError):
+        raise UserError(f"{path}: truncated or damaged; the checkpoint is incomplete") from None
