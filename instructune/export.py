@@ -15,7 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from instructune.data import DataStats
-from instructune.errors import ConfigError
+from instructune.errors import ConfigError, UserError
+from instructune.tensorio import out_of_space
 
 STAGING = ".final-model.partial"  # inside output_dir, so that the moves into place are renames
 WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
@@ -59,11 +60,18 @@ def save_model_folder(trainer, metrics: dict, data_stats: DataStats) -> None:
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))  # every rank takes part (ZeRO-3 and FSDP gather); the main process writes
-    if not trainer.is_world_process_zero():
-        return
-    if trainer.is_deepspeed_enabled and not any(staging.glob("model*.safetensors")):
-        consolidate_zero_checkpoint(trainer, staging)
+    try:
+        trainer.save_model(str(staging))  # every rank takes part (ZeRO-3 and FSDP gather); the main process writes
+        if not trainer.is_world_process_zero():
+            return
+        if trainer.is_deepspeed_enabled and not any(staging.glob("model*.safetensors")):
+            consolidate_zero_checkpoint(trainer, staging)
+    except Exception as e:
+        if not out_of_space(e):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"no space left while writing {output_dir}; the model was not saved (complete checkpoints "
+                        "are intact)") from None
     move_into_place(staging, output_dir)
     losses = loss_history(trainer)
     summary = {

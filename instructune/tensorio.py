@@ -254,4 +254,8 @@ class atomic_folder:
 
 def out_of_space(error: BaseException | None) -> bool:
     """Disk full, quota exceeded, or the file-size limit (ulimit -f) reached."""
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    codes = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    if isinstance(error, OSError):
+        return error.errno in codes
+    # safetensors' Rust writer (used by save_pretrained) reports I/O errors as text: "... (os error 28)"
+    return type(error).__name__ == "SafetensorError" and any(f"(os error {code})" in str(error) for code in codes)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from instructune.cli import main
 from instructune.tensorio import TensorFolder
 
-from conftest import assert_same_tensors
+from conftest import PYTHON, assert_same_tensors, run_command
 from test_train import tiny_run_flags
 
 
@@ -65,3 +65,13 @@ def test_the_base_model_folder_is_refused(tiny_llama, capsys):
     assert main(["train", *tiny_run_flags(tiny_llama, tiny_llama, steps=1), "--overwrite_output_dir", "True"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {tiny_llama}: is the base model's folder; choose another --output_dir"
     assert sorted(p.name for p in tiny_llama.iterdir()) == files
+
+
+def test_a_full_disk_at_the_final_save_is_one_line(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    flags = " ".join(tiny_run_flags(tiny_llama, out, steps=1)).replace("200KB", "5GB")  # one file, over the limit
+    result = run_command(["bash", "-c", f'ulimit -f 300; exec "$0" train.py {flags}', PYTHON])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: no space left while writing {out}; the model was not saved (complete checkpoints are intact)")
+    assert not list(out.glob("model*")) and not (out / ".final-model.partial").exists()
