@@ -45,8 +45,9 @@ def encode_records(
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; the model could never learn to stop")
     prompts = [render_prompt(template, r.instruction, r.input, tokenizer) for r in records]
-    prompt_ids = tokenizer(prompts, add_special_tokens=template_adds_special_tokens(template))["input_ids"]
-    response_ids = tokenizer([r.output for r in records], add_special_tokens=False)["input_ids"]
+    # verbose=False: no "longer than the maximum" warning; over-long examples are handled and counted below
+    prompt_ids = tokenizer(prompts, add_special_tokens=template_adds_special_tokens(template), verbose=False)["input_ids"]
+    response_ids = tokenizer([r.output for r in records], add_special_tokens=False, verbose=False)["input_ids"]
 
     examples, truncated, dropped, longest = [], 0, 0, 0
     for prompt, response in zip(prompt_ids, response_ids):
