@@ -56,7 +56,7 @@ def test_demo_command(tmp_path):
     command = str(REPO / ".venv" / "bin" / "instructune") if (REPO / ".venv" / "bin" / "instructune").exists() else "instructune"
     (tmp_path / "demo").mkdir()
     (tmp_path / "demo" / "old-run.txt").write_text("the demo config overwrites its own output folder")
-    result = run_command([command, "demo", "--max_steps", "8", "--output_dir", "demo"], cwd=tmp_path)
+    result = run_command([command, "demo", "--max_steps", "4", "--output_dir", "demo"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / "demo" / "old-run.txt").exists()
     out = result.stdout

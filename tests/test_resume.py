@@ -60,6 +60,18 @@ def final_state(output_dir):
     return model.state_dict(), losses
 
 
+_uninterrupted = {}
+
+
+def uninterrupted_run(strategy, model, tmp_path, port):
+    """The reference run of a strategy, made once (both DDP cases compare with the same one)."""
+    if strategy not in _uninterrupted:
+        reference = launch("train.py", flags(model, tmp_path / "reference", "--strategy", strategy), port)
+        assert reference.returncode == 0, reference.stderr[-3000:]
+        _uninterrupted[strategy] = tmp_path / "reference"
+    return _uninterrupted[strategy]
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize(
@@ -70,8 +82,7 @@ def final_state(output_dir):
 def test_killed_job_resumes_to_the_same_result(strategy, kill_when, tolerance, tiny_llama, tmp_path):
     port = 29700 + 10 * ["ddp", "zero2", "zero3", "zero3_offload", "fsdp"].index(strategy) + 5 * (kill_when == "after_save")
     extra = ["--strategy", strategy]
-    reference = launch("train.py", flags(tiny_llama, tmp_path / "reference", *extra), port)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    reference_dir = uninterrupted_run(strategy, tiny_llama, tmp_path, port)
 
     out = tmp_path / "interrupted"
     killed = launch("tests/helpers/train_and_kill.py", flags(tiny_llama, out, *extra), port + 1,
@@ -88,7 +99,7 @@ def test_killed_job_resumes_to_the_same_result(strategy, kill_when, tolerance, t
     if kill_when == "during_save":
         assert "skipping" in resumed.stderr
 
-    expected_weights, expected_losses = final_state(tmp_path / "reference")
+    expected_weights, expected_losses = final_state(reference_dir)
     weights, losses = final_state(out)
     assert_same_tensors(weights, expected_weights, tolerance)
     resumed_from = int(expected_resume.split("-")[1])
