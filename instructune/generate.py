@@ -3,6 +3,7 @@
 import torch
 
 from instructune import models
+from instructune.data.formats import Message
 from instructune.data.templates import render_prompt, template_adds_special_tokens
 from instructune.errors import UserError
 
@@ -29,7 +30,7 @@ def max_length(model, tokenizer) -> int:
 @torch.inference_mode()
 def answer(model, tokenizer, instruction: str, input: str = "", template: str = "alpaca", max_new_tokens: int = 128):
     """Greedy answer to one instruction, without the prompt and special tokens."""
-    prompt = render_prompt(template, instruction, input, tokenizer)
+    prompt = render_prompt(template, [Message("user", instruction, input)], tokenizer)
     encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=template_adds_special_tokens(template))
     room = max_length(model, tokenizer) - encoded["input_ids"].shape[1]
     if room <= 0:

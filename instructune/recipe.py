@@ -15,7 +15,8 @@ from transformers import DataCollatorForSeq2Seq, TrainerCallback
 from instructune import distributed, models
 from instructune.checkpoint import resume
 from instructune.config import DataArguments, ModelArguments, TrainingArguments
-from instructune.data import IGNORE_INDEX, DataStats, encode_records, hold_out, load_records
+from instructune.config import shipped
+from instructune.data import IGNORE_INDEX, DataStats, DatasetSpec, encode_conversations, hold_out, load_mix, parse_datasets
 from instructune.errors import DataError
 from instructune.export import loss_history, prepare_output_dir, save_model_folder
 from instructune.trainer import InstructTrainer
@@ -55,9 +56,11 @@ def train(
     training_args: TrainingArguments,
     callbacks: list[TrainerCallback] | None = None,
 ) -> TrainOutcome:
-    # 1. Data: read and validate every record; and where to resume from, if asked.
+    # 1. Data: read, validate and mix every dataset (duplicates dropped); and where to resume from, if asked.
     checkpoint = resume_point(training_args)
-    records, skipped = load_records(data_args.data_path, strict=data_args.strict_data)
+    specs = parse_datasets(data_args.datasets) if data_args.datasets else [DatasetSpec(data_args.data_path)]
+    specs = [dataclasses.replace(spec, path=shipped(spec.path)) for spec in specs]
+    mix = load_mix(specs, training_args.seed, data_args.strict_data, data_args.dedup)
 
     # 2. Tokenizer, with the pad and EOS tokens that training needs; then the examples.
     model_path = models.resolve_model_path(model_args.model_name_or_path)
@@ -65,10 +68,13 @@ def train(
         model_path, training_args.model_max_length, training_args.cache_dir, model_args.trust_remote_code
     )
     num_new_tokens = models.add_missing_special_tokens(tokenizer, model_args.pad_token)
-    if data_args.prompt_template == "chat" and not tokenizer.chat_template:
-        raise DataError(f"{model_args.model_name_or_path}: the tokenizer has no chat template; use --prompt_template alpaca")
-    examples, stats = encode_records(
-        records,
+    needs_chat = data_args.prompt_template == "chat" or any(c.multi_turn for c in mix.conversations)
+    if needs_chat and not tokenizer.chat_template:
+        chat_source = next((c.source for c in mix.conversations if c.multi_turn), "--prompt_template chat")
+        raise DataError(f"{model_args.model_name_or_path}: the tokenizer has no chat template, which {chat_source} "
+                        "needs (multi-turn conversations are rendered with it)")
+    examples, stats = encode_conversations(
+        mix.conversations,
         tokenizer,
         data_args.prompt_template,
         training_args.model_max_length,
@@ -76,12 +82,13 @@ def train(
         data_args.overlong,
     )
     if not examples:
-        raise DataError(f"{data_args.data_path}: no record fits in model_max_length={training_args.model_max_length}")
+        raise DataError(f"{', '.join(s.path for s in specs)}: no record fits in model_max_length={training_args.model_max_length}")
     validation = []
     if data_args.val_set_size:
         examples, validation = hold_out(examples, data_args.val_set_size, training_args.seed)
         training_args.eval_on_start = True  # the held-out loss before training; the final one is measured below
-    stats = dataclasses.replace(stats, skipped=dict(skipped), heldout=len(validation))
+    stats = dataclasses.replace(stats, skipped=dict(mix.skipped), duplicates=dict(mix.duplicates), sources=mix.sources,
+                                heldout=len(validation))
     logger.info("data: %s", stats.summary())
 
     # 3. Model, once the output folder is known to be ours to write.

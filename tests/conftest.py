@@ -115,10 +115,9 @@ def training_loss(model, tokenizer, count: int = 16) -> float:
     """Mean loss of `model` on the first `count` sample records, as trained (Alpaca template, masked prompt)."""
     import torch
 
-    from instructune.data import encode_records, load_records
+    from instructune.data import encode_conversations, load_conversations
 
-    records, _ = load_records(str(SAMPLE_DATA))
-    examples, _ = encode_records(records[:count], tokenizer, "alpaca", 256)
+    examples, _ = encode_conversations(load_conversations(str(SAMPLE_DATA))[:count], tokenizer, "alpaca", 256)
     with torch.no_grad():
         losses = [model(**{k: torch.tensor([v]) for k, v in e.items()}).loss for e in examples]
     return float(torch.stack(losses).mean())

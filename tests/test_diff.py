@@ -206,6 +206,7 @@ def test_mismatched_models_are_one_line_errors(tiny_llama, tiny_opt, tmp_path):
     assert not (tmp_path / "diff").exists()
 
 
+@pytest.mark.slow
 def test_alpaca_command_lines(tiny_llama, tmp_path):
     tuned = make_tuned(tiny_llama, tmp_path / "tuned")
     made = run_command([PYTHON, "weight_diff.py", "make_diff", "--path_raw", str(tiny_llama), "--path_tuned", str(tuned),

@@ -1,4 +1,4 @@
-"""Tokenisation and label masking: the unmasked labels are exactly `output + eos`, EOS is learned even
+"""Tokenisation and label masking: the unmasked labels of an instruction record are exactly `output + eos`, EOS is learned even
 when pad == eos, padding is never a target, and over-long records are truncated or dropped as asked."""
 
 import pytest
@@ -6,7 +6,8 @@ import torch
 from transformers import DataCollatorForSeq2Seq
 
 from instructune import models
-from instructune.data import IGNORE_INDEX, Record, encode_records, load_records, render_prompt
+from instructune.data import IGNORE_INDEX, encode_conversations, load_conversations, render_prompt
+from instructune.data.formats import instruction
 
 from conftest import SAMPLE_DATA
 
@@ -17,23 +18,27 @@ def _tokenizer(path, pad_token="[PAD]"):
     return tokenizer
 
 
+def record(text, context, output):
+    return instruction(text, context, output, "alpaca", "test")
+
+
 def _check_labels(records, tokenizer, template):
-    examples, stats = encode_records(records, tokenizer, template, max_length=4096)
+    examples, stats = encode_conversations(records, tokenizer, template, max_length=4096)
     assert stats.kept == len(records) and stats.truncated == stats.dropped == 0
     for record, example in zip(records, examples):
         targets = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
-        assert tokenizer.decode(targets) == record.output + tokenizer.eos_token
+        assert tokenizer.decode(targets) == record.messages[-1].content + tokenizer.eos_token
         assert example["labels"][-1] == tokenizer.eos_token_id  # EOS is a target
         # The prompt part is exactly the prompt as tokenised at generation time.
         prompt_length = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
-        prompt = render_prompt(template, record.instruction, record.input, tokenizer)
+        prompt = render_prompt(template, list(record.messages[:-1]), tokenizer)
         assert example["input_ids"][:prompt_length] == tokenizer(prompt, add_special_tokens=template == "alpaca").input_ids
 
 
 def test_labels_are_the_response_and_eos_tiny_llama(tiny_llama):
     tokenizer = _tokenizer(tiny_llama)
     assert tokenizer.pad_token == "[PAD]" and tokenizer.pad_token_id != tokenizer.eos_token_id
-    _check_labels(load_records(str(SAMPLE_DATA))[0], tokenizer, "alpaca")
+    _check_labels(load_conversations(str(SAMPLE_DATA)), tokenizer, "alpaca")
 
 
 @pytest.mark.slow
@@ -41,10 +46,10 @@ def test_labels_are_the_response_and_eos_tiny_llama(tiny_llama):
 def test_labels_with_pad_equal_to_eos_smollm2(smollm2, template):
     tokenizer = _tokenizer(smollm2)
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the trap: masking pad would mask EOS
-    records, _ = load_records(str(SAMPLE_DATA))
+    records = load_conversations(str(SAMPLE_DATA))
     _check_labels(records, tokenizer, template)
     # ... and after batching, EOS is still a target while the padding after it is not.
-    examples, _ = encode_records(records[:8], tokenizer, template, max_length=512)
+    examples, _ = encode_conversations(records[:8], tokenizer, template, max_length=512)
     batch = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)(examples)
     for labels, mask, example in zip(batch["labels"], batch["attention_mask"], examples):
         length = len(example["input_ids"])
@@ -55,21 +60,21 @@ def test_labels_with_pad_equal_to_eos_smollm2(smollm2, template):
 
 def test_train_on_inputs_learns_the_prompt_too(tiny_llama):
     tokenizer = _tokenizer(tiny_llama)
-    records = load_records(str(SAMPLE_DATA))[0][:5]
-    examples, _ = encode_records(records, tokenizer, "alpaca", 512, train_on_inputs=True)
+    records = load_conversations(str(SAMPLE_DATA))[:5]
+    examples, _ = encode_conversations(records, tokenizer, "alpaca", 512, train_on_inputs=True)
     assert all(e["labels"] == e["input_ids"] for e in examples)
 
 
 def test_overlong_records_are_truncated_or_dropped(tiny_llama):
     tokenizer = _tokenizer(tiny_llama)
-    short = Record("Say hi.", "", "Hi.")
-    long = Record("Repeat the word.", "", "word " * 300)
-    huge_prompt = Record("word " * 300, "", "ok")
-    examples, stats = encode_records([short, long, huge_prompt], tokenizer, "alpaca", max_length=128)
+    short = record("Say hi.", "", "Hi.")
+    long = record("Repeat the word.", "", "word " * 300)
+    huge_prompt = record("word " * 300, "", "ok")
+    examples, stats = encode_conversations([short, long, huge_prompt], tokenizer, "alpaca", max_length=128)
     assert (stats.kept, stats.truncated, stats.dropped) == (2, 1, 1)  # no response left of the huge prompt
     assert [len(e["input_ids"]) for e in examples][1] == 128
     assert stats.longest > 300
-    examples, stats = encode_records([short, long], tokenizer, "alpaca", max_length=128, overlong="drop")
+    examples, stats = encode_conversations([short, long], tokenizer, "alpaca", max_length=128, overlong="drop")
     assert (stats.kept, stats.truncated, stats.dropped) == (1, 0, 1)
 
 

@@ -2,6 +2,8 @@
 installed instructune finds them from any directory."""
 
 import os
+
+import pytest
 import shutil
 import subprocess
 import zipfile
@@ -24,6 +26,7 @@ print(json.dumps({"package": instructune.__file__, "deepspeed": args.deepspeed, 
 """
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_configs_and_works_outside_the_checkout(tmp_path):
     source = tmp_path / "source"  # a clean copy: a build/ folder left in the checkout could add stale modules
     shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(

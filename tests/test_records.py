@@ -7,10 +7,26 @@ import re
 import pytest
 
 from instructune.cli import main
-from instructune.data import Record, load_records
+from collections import Counter
+from typing import NamedTuple
+
+from instructune.data import load_conversations
 from instructune.errors import DataError
 
 from conftest import PYTHON, SAMPLE_DATA, SHARED_DATA, run_command
+
+
+class Record(NamedTuple):
+    instruction: str
+    input: str
+    output: str
+
+
+def load_records(path: str, strict: bool = False) -> tuple[list[Record], Counter]:
+    """(instruction, input, output) of each record, and the skip counts."""
+    skipped = Counter()
+    conversations = load_conversations(path, strict=strict, skipped=skipped)
+    return [Record(c.messages[0].content, c.messages[0].context, c.messages[1].content) for c in conversations], skipped
 
 
 def test_sample_data_loads_and_is_varied():
@@ -92,7 +108,7 @@ def test_json_lines_split_on_newlines_only_and_bom(tmp_path):
 BAD_INPUTS = {
     "invalid_json": ('[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]', ":2:", "invalid JSON"),
     "top_level_object": ('{"instruction": "a", "output": "b", "more": 1}', "", "top level is a JSON object"),
-    "missing_instruction": ('[{"instruction": "a", "output": "b"}, {"input": "x", "output": "y"}]', ": record 1", "missing field 'instruction'"),
+    "fits_no_format": ('[{"instruction": "a", "output": "b"}, {"input": "x", "output": "y"}]', ": record 1", "fits no known format; expected instruction/output (Alpaca)"),
     "number_output": ('[{"instruction": "a", "output": 42}]', ": record 0", "field 'output' must be a string, got number"),
     "list_instruction": ('[{"instruction": ["a"], "output": "b"}]', ": record 0", "field 'instruction' must be a string"),
     "only_empty_records": ('[{"instruction": "c", "output": "  "}]', "", "no usable record (1 record with an empty output skipped)"),

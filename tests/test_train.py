@@ -69,6 +69,7 @@ def test_training_writes_a_loadable_model_folder(model_fixture, request, tmp_pat
     assert tokenizer.pad_token == ("[PAD]" if model_fixture == "tiny_llama" else "<pad>")
 
 
+@pytest.mark.slow
 def test_alpaca_flags_train_with_bf16_and_gradient_checkpointing(tiny_llama, tmp_path):
     output_dir = tmp_path / "out"
     flags = tiny_run_flags(tiny_llama, output_dir) + [

@@ -36,8 +36,8 @@ class DataArguments:
     data_path: str = field(
         default="alpaca_data.json",
         metadata={
-            "help": "Alpaca-style data: a JSON list or JSON Lines file of {instruction, input, output} records, "
-            "a local dataset folder, or a Hugging Face dataset id (owner/name). The default is the sample that "
+            "help": "Instruction data: a JSON list or JSON Lines file (Alpaca, Dolly, Self-Instruct, ShareGPT or "
+            "messages records), a local dataset folder, or a Hugging Face dataset id (owner/name). The default is the sample that "
             "ships with instructune, if there is no alpaca_data.json in the current folder."
         },
     )
@@ -51,6 +51,16 @@ class DataArguments:
     )
     train_on_inputs: bool = field(
         default=False, metadata={"help": "Also learn the prompt tokens (by default only the response and EOS)."}
+    )
+    datasets: str | None = field(
+        default=None,
+        metadata={"help": "A mix of datasets instead of --data_path: 'a.json:all,b.jsonl:1000,c.jsonl:10%%' (or a YAML "
+                  "list; entries may be {path, size, format}); each all, a count or a percentage, sampled with the "
+                  "run's seed. Formats: alpaca, dolly, self-instruct, sharegpt, messages (recognised per record)."},
+    )
+    dedup: bool = field(
+        default=True,
+        metadata={"help": "Drop exact and normalised (case, white space) duplicates across all datasets."},
     )
     strict_data: bool = field(
         default=False,

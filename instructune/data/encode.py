@@ -1,15 +1,18 @@
-"""Tokenise records into training examples: prompt tokens masked, response followed by a learned EOS.
+"""Tokenise conversations into training examples: every assistant turn is a target, everything else masked.
 
-The prompt and the response are tokenised separately and concatenated, so the model is trained on
-exactly the token sequence it sees at generation time (prompt ids, then its own continuation), and
-the unmasked labels decode to `output + eos` with no boundary guesswork. Labels come from positions,
-never from comparing ids with the pad id, so EOS stays a target even when pad == eos.
+Each segment of the rendered conversation is tokenised on its own and the pieces concatenated, so the
+model is trained on exactly the token sequence it sees at generation time (prompt ids, then its own
+continuation), and the unmasked labels decode to the assistant turns with no boundary guesswork.
+Labels come from positions, never from comparing ids with the pad id, so EOS stays a target even
+when pad == eos. For Alpaca's template the tokenizer's EOS is appended to the response, as Alpaca did.
 """
 
+import random
 from dataclasses import dataclass, field
 
-from instructune.data.records import Record, skipped_summary
-from instructune.data.templates import render_prompt, template_adds_special_tokens
+from instructune.data.formats import Conversation
+from instructune.data.sources import skipped_summary
+from instructune.data.templates import render_segments, template_adds_special_tokens, template_for
 from instructune.errors import DataError
 
 IGNORE_INDEX = -100  # the label value that PyTorch's cross-entropy (and the HF models) skip
@@ -17,12 +20,14 @@ IGNORE_INDEX = -100  # the label value that PyTorch's cross-entropy (and the HF 
 
 @dataclass
 class DataStats:
-    records: int  # usable records
+    records: int  # usable conversations
     kept: int  # examples made of them
     truncated: int
     dropped: int
     longest: int  # tokens in the longest example before truncation
     skipped: dict[str, int] = field(default_factory=dict)  # records skipped for an empty field, per field
+    duplicates: dict[str, int] = field(default_factory=dict)  # removed: exact, normalised
+    sources: dict[str, int] = field(default_factory=dict)  # conversations taken from each dataset
     heldout: int = 0  # examples held out for validation
 
     def summary(self) -> str:
@@ -30,45 +35,63 @@ class DataStats:
                 f"{self.dropped} dropped; longest {self.longest} tokens)")
         if self.heldout:
             text += f", {self.heldout} held out for validation"
+        if len(self.sources) > 1:
+            text += "; from " + ", ".join(f"{name} {count}" for name, count in self.sources.items())
+        if any(self.duplicates.values()):
+            text += f"; duplicates removed: {self.duplicates.get('exact', 0)} exact, {self.duplicates.get('normalised', 0)} normalised"
         return text + (f"; {skipped_summary(self.skipped)}" if self.skipped else "")
 
 
-def encode_records(
-    records: list[Record],
+def encode_conversations(
+    conversations: list[Conversation],
     tokenizer,
     template: str,
     max_length: int,
     train_on_inputs: bool = False,
     overlong: str = "truncate",
 ) -> tuple[list[dict], DataStats]:
-    """Examples with input_ids, attention_mask and labels; records too long are truncated or dropped."""
+    """Examples with input_ids, attention_mask and labels; examples too long are truncated or dropped."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; the model could never learn to stop")
-    prompts = [render_prompt(template, r.instruction, r.input, tokenizer) for r in records]
-    # verbose=False: no "longer than the maximum" warning; over-long examples are handled and counted below
-    prompt_ids = tokenizer(prompts, add_special_tokens=template_adds_special_tokens(template), verbose=False)["input_ids"]
-    response_ids = tokenizer([r.output for r in records], add_special_tokens=False, verbose=False)["input_ids"]
+    rendered = [(template_for(c, template), render_segments(c, template, tokenizer)) for c in conversations]
+    # One batched call per kind of segment: the first segment of an Alpaca-template example gets the
+    # tokenizer's BOS, like Alpaca's prompts; chat templates write their own special tokens.
+    first = [(t, i == 0) for t, segments in rendered for i in range(len(segments))]
+    texts = [text for _, segments in rendered for text, _ in segments]
+    with_specials = [template_adds_special_tokens(t) and is_first for t, is_first in first]
+    ids = [None] * len(texts)
+    for flag in (True, False):
+        chosen = [i for i, f in enumerate(with_specials) if f == flag]
+        # verbose=False: no "longer than the maximum" warning; over-long examples are handled and counted below
+        encoded = tokenizer([texts[i] for i in chosen], add_special_tokens=flag, verbose=False)["input_ids"] if chosen else []
+        for i, tokens in zip(chosen, encoded):
+            ids[i] = tokens
 
-    examples, truncated, dropped, longest = [], 0, 0, 0
-    for prompt, response in zip(prompt_ids, response_ids):
-        target = response + [tokenizer.eos_token_id]
-        input_ids = prompt + target
-        labels = input_ids if train_on_inputs else [IGNORE_INDEX] * len(prompt) + target
+    examples, truncated, dropped, longest, position = [], 0, 0, 0, 0
+    for chosen_template, segments in rendered:
+        input_ids, labels = [], []
+        for text, is_target in segments:
+            tokens = ids[position]
+            position += 1
+            input_ids += tokens
+            labels += tokens if is_target or train_on_inputs else [IGNORE_INDEX] * len(tokens)
+        if chosen_template == "alpaca":
+            input_ids.append(tokenizer.eos_token_id)
+            labels.append(tokenizer.eos_token_id)
         longest = max(longest, len(input_ids))
         if len(input_ids) > max_length:
-            if overlong == "drop" or len(prompt) >= max_length:  # nothing of the response would be left
+            first_target = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+            if overlong == "drop" or first_target >= max_length:  # nothing of the response would be left
                 dropped += 1
                 continue
             input_ids, labels = input_ids[:max_length], labels[:max_length]
             truncated += 1
-        examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": list(labels)})
-    return examples, DataStats(len(records), len(examples), truncated, dropped, longest)
+        examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
+    return examples, DataStats(len(conversations), len(examples), truncated, dropped, longest)
 
 
 def hold_out(examples: list[dict], size: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, validation): `size` examples (a fraction of them if below 1) drawn with `seed`."""
-    import random
-
     count = round(size * len(examples)) if 0 < size < 1 else int(size)
     if count >= len(examples):
         raise DataError(f"--val_set_size {size:g} leaves nothing to train on ({len(examples)} examples)")

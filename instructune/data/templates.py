@@ -1,6 +1,15 @@
-"""Prompt templates: how an instruction record becomes the text the model is asked to continue."""
+"""Prompt templates: a conversation → text, in segments that are targets (assistant turns) or not.
 
-# Stanford Alpaca's two templates, verbatim: the released Alpaca models expect exactly these.
+Single-turn instruction records (Alpaca, Dolly, Self-Instruct) use --prompt_template: `alpaca`
+(Stanford Alpaca's two templates, byte for byte: the released Alpaca models expect exactly these) or
+`chat` (the tokenizer's chat template). Multi-turn conversations (ShareGPT, messages) always use the
+tokenizer's chat template, which renders their system prompts and turns as the model knows them.
+"""
+
+from instructune.data.formats import Conversation, Message
+from instructune.errors import DataError
+
+# Stanford Alpaca's two templates, verbatim.
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -15,17 +24,51 @@ ALPACA_NO_INPUT = (
 TEMPLATES = ("alpaca", "chat")
 
 
-def render_prompt(template: str, instruction: str, input: str, tokenizer) -> str:
-    """The prompt text for one record; the response is appended after it by the caller."""
+def template_for(conversation: Conversation, template: str) -> str:
+    return "chat" if conversation.multi_turn else template
+
+
+def render_prompt(template: str, messages: list[Message], tokenizer) -> str:
+    """The text the model continues to write the next assistant turn (generation)."""
     if template == "alpaca":
-        pattern = ALPACA_WITH_INPUT if input else ALPACA_NO_INPUT
-        return pattern.format(instruction=instruction, input=input)
+        user = messages[-1]
+        pattern = ALPACA_WITH_INPUT if user.context else ALPACA_NO_INPUT
+        return pattern.format(instruction=user.content, input=user.context)
     if template == "chat":
-        content = f"{instruction}\n\n{input}" if input else instruction
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
+        return tokenizer.apply_chat_template(chat_messages(messages), tokenize=False, add_generation_prompt=True)
     raise ValueError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
+
+
+def chat_messages(messages) -> list[dict]:
+    return [{"role": m.role, "content": f"{m.content}\n\n{m.context}" if m.context else m.content} for m in messages]
+
+
+def render_segments(conversation: Conversation, template: str, tokenizer) -> list[tuple[str, bool]]:
+    """[(text, is_target)] whose concatenation is the whole rendered conversation.
+
+    alpaca: [(prompt, False), (response, True)]; the caller appends EOS as a target. chat: each
+    assistant turn is the template's rendering of it (up to and including the EOS token), found as
+    the difference between the rendering up to it and the prompt that asks for it; the template
+    writes its own end-of-turn tokens, so nothing is appended.
+    """
+    template = template_for(conversation, template)
+    messages = list(conversation.messages)
+    if template == "alpaca":
+        return [(render_prompt("alpaca", messages[:-1], tokenizer), False), (messages[-1].content, True)]
+    segments, done = [], ""
+    for i, message in enumerate(messages):
+        if message.role != "assistant":
+            continue
+        prompt = render_prompt("chat", messages[:i], tokenizer)
+        full = tokenizer.apply_chat_template(chat_messages(messages[: i + 1]), tokenize=False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise DataError(f"{conversation.source}: the tokenizer's chat template does not render this conversation "
+                            "turn by turn (a later turn changes an earlier one), so its targets cannot be marked")
+        answer = full[len(prompt):]
+        end = answer.find(tokenizer.eos_token) + len(tokenizer.eos_token) if tokenizer.eos_token in answer else len(answer)
+        segments += [(prompt[len(done):], False), (answer[:end], True)]
+        done = prompt + answer[:end]
+    return segments
 
 
 def template_adds_special_tokens(template: str) -> bool:

@@ -20,6 +20,7 @@ def flags(model, out, steps, *extra):
     return [*tiny_run_flags(model, out, steps=steps), "--save_strategy", "steps", "--save_steps", "1", *extra]
 
 
+@pytest.mark.slow
 def test_a_rewritten_checkpoint_killed_midway_is_not_complete(tiny_llama, tmp_path, capsys):
     """Seen: run 2 killed while rewriting run 1's complete checkpoint-2 kept the old marker, and 'auto' resumed a
     folder mixing new weights with the old optimizer state."""
