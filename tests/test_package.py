@@ -2,11 +2,11 @@
 installed instructune finds them from any directory."""
 
 import os
-
-import pytest
 import shutil
 import subprocess
 import zipfile
+
+import pytest
 
 from conftest import PYTHON, REPO
 

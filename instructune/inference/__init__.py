@@ -1,0 +1,1 @@
+"""Inference: the OpenAI-compatible client (client.py) used by the data filter."""

@@ -1,0 +1,77 @@
+"""A real HTTP server on 127.0.0.1 that speaks the chat-completions protocol and answers as the record under
+rating scripts it, with markers in the record's text:
+    [score=4.5]      reply "4.5" and a reason          [say=TEXT]   reply TEXT verbatim (parsing tests)
+    [fail=429x2]     the first 2 requests get HTTP 429  [slow=2]     the first request waits 2 s
+It counts requests per record and the most requests in flight at once."""
+
+import json
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class ScriptedJudge:
+    def __init__(self, delay: float = 0.0, api_key: str | None = None):
+        self.delay, self.api_key = delay, api_key
+        self.requests: Counter = Counter()
+        self.in_flight = self.most_in_flight = 0
+        self.lock = threading.Lock()
+        judge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                judge.handle(self)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def handle(self, request: BaseHTTPRequestHandler) -> None:
+        body = json.loads(request.rfile.read(int(request.headers["Content-Length"])))
+        text = body["messages"][-1]["content"]
+        record = re.search(r"### Instruction:\n(.*)", text).group(1)
+        with self.lock:
+            self.requests[record] += 1
+            count = self.requests[record]
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            time.sleep(self.delay)
+            if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+                return self.send(request, 401, {"error": {"message": "bad key"}})
+            if (fail := re.search(r"\[fail=(\d+)x(\d+)\]", record)) and count <= int(fail.group(2)):
+                return self.send(request, int(fail.group(1)), {"error": {"message": "scripted"}}, retry_after="0.05")
+            if (slow := re.search(r"\[slow=([\d.]+)\]", record)) and count == 1:
+                time.sleep(float(slow.group(1)))
+            said = re.search(r"\[say=(.*?)\]", record)
+            score = re.search(r"\[score=([\d.]+)\]", record)
+            reply = said.group(1).replace("\\n", "\n") if said else f"{score.group(1)}\nScripted reason."
+            self.send(request, 200, {"id": "x", "object": "chat.completion", "model": body["model"],
+                                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                                                  "finish_reason": "stop"}]})
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    @staticmethod
+    def send(request, status: int, payload: dict, retry_after: str | None = None) -> None:
+        data = json.dumps(payload).encode()
+        try:
+            request.send_response(status)
+            request.send_header("Content-Type", "application/json")
+            request.send_header("Content-Length", str(len(data)))
+            if retry_after:
+                request.send_header("Retry-After", retry_after)
+            request.end_headers()
+            request.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout being tested)
+            pass
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
