@@ -161,3 +161,14 @@ def test_training_on_a_mix(tiny_llama, tmp_path):
     data = json.loads((tmp_path / "out" / "train_results.json").read_text())["data"]
     assert data["sources"] == {str(SAMPLE_DATA): 50, str(share): 2} and data["duplicates"] == {"exact": 4}
     assert "; from " in result.stderr and "duplicates removed: 4 exact" in result.stderr
+
+
+def test_datasets_as_a_yaml_list(tmp_path):
+    from instructune.config import parse_train_args
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"datasets:\n  - {SAMPLE_DATA}:all\n  - {{path: dolly.jsonl, size: 1000, format: dolly}}\n"
+                      f"output_dir: {tmp_path / 'out'}\n")
+    _, data_args, _ = parse_train_args(["--config", str(config)])
+    assert parse_datasets(data_args.datasets) == [DatasetSpec(str(SAMPLE_DATA), "all"),
+                                                  DatasetSpec("dolly.jsonl", "1000", "dolly")]
