@@ -1,19 +1,26 @@
 """Model stage: load the tokenizer and the causal LM, and give the tokenizer the special tokens training needs."""
 
 import logging
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from instructune.builtin import BUILTIN_MODELS, builtin_model_path
+from instructune.data.sources import looks_like_hub_id
+from instructune.errors import UserError
 
 logger = logging.getLogger("instructune")
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """A built-in model name becomes its converted folder in the user cache; anything else is left as is."""
+    """A built-in model name becomes its converted folder in the user cache; a local folder or hub id
+    (owner/name) is left as is; anything else is a missing folder, said in one line."""
     if name_or_path in BUILTIN_MODELS:
         return str(builtin_model_path(name_or_path))
+    if not Path(name_or_path).exists() and not looks_like_hub_id(name_or_path):
+        raise UserError(f"{name_or_path}: no such model folder (nor a hub id like owner/name, nor a built-in model: "
+                        f"{', '.join(BUILTIN_MODELS)})")
     return name_or_path
 
 

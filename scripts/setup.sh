@@ -14,7 +14,8 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 VENV=${VENV:-.venv}
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+# pip's exit status is the function's; only the machine's notices about unusable local indexes are filtered out.
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 pip install "$TORCH_SPEC"
 DS_BUILD_OPS=0 pip install --no-build-isolation "deepspeed>=0.19"
 pip install -e ".[builtin,test]"

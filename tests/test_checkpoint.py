@@ -56,33 +56,23 @@ def test_convert_refuses_what_it_cannot_read(tiny_llama, tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.parametrize("model_name", ["llama", "opt"])
-@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
-def test_zero_checkpoint_converts_to_the_trained_weights(strategy, model_name, request, tmp_path):
-    model = request.getfixturevalue(f"tiny_{model_name}")
-    port = 29800 + 2 * ["zero2", "zero3"].index(strategy) + ["llama", "opt"].index(model_name)
-    trained = run_command([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                           "train.py", *tiny_run_flags(model, tmp_path / "out", steps=8), "--strategy", strategy,
-                           "--save_strategy", "steps", "--save_steps", "8"])
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    checkpoint = tmp_path / "out" / "checkpoint-8"
-    assert (checkpoint / "global_step8").is_dir()
-    converted = run_command(["bash", "scripts/zero_to_hf.sh", str(checkpoint), str(tmp_path / "hf"),
-                             "--max_shard_size", "200KB"])
-    assert converted.returncode == 0, converted.stderr[-3000:]
-    # fp32 training: the final model is the fp32 master weights, which the checkpoint holds
-    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
-    assert_same_tensors(loaded.state_dict(), trained.state_dict())
-    if model_name == "opt":  # tied: stored once, still tied after loading
-        assert "lm_head.weight" not in tensors(tmp_path / "hf")
-        assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+def check_zero_checkpoint_converts(checkpoint, trained_dir, destination, tied: bool) -> None:
+    """A ZeRO checkpoint taken at the last step converts (scripts/zero_to_hf.sh) to the trained model: the same fp32
+    weights (the checkpoint holds the fp32 master weights), tied weights stored once, the same answers. Called by
+    test_distributed.py's ZeRO-2/3 runs of LLaMA and OPT, which save that checkpoint."""
     from transformers import AutoTokenizer
 
+    assert any(checkpoint.glob("global_step*"))
+    converted = run_command(["bash", "scripts/zero_to_hf.sh", str(checkpoint), str(destination), "--max_shard_size", "200KB"])
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    trained = AutoModelForCausalLM.from_pretrained(trained_dir, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(destination, dtype=torch.float32)
+    assert_same_tensors(loaded.state_dict(), trained.state_dict())
+    if tied:  # stored once, still tied after loading
+        assert "lm_head.weight" not in tensors(destination)
+        assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
     # the converted folder answers as the trained model does (its tokenizer and config came along)
-    tokenizer, trained_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf"), AutoTokenizer.from_pretrained(tmp_path / "out")
+    tokenizer, trained_tokenizer = AutoTokenizer.from_pretrained(destination), AutoTokenizer.from_pretrained(trained_dir)
     assert answer(loaded, tokenizer, "Say hi.", max_new_tokens=6) == answer(trained, trained_tokenizer, "Say hi.", max_new_tokens=6)
     assert len(tokenizer) == len(trained_tokenizer) == loaded.get_input_embeddings().weight.shape[0]
 

@@ -175,3 +175,11 @@ def test_real_alpaca_data_trains_with_empty_records_skipped(tiny_llama, tmp_path
     strict = run_command([PYTHON, "train.py", *flags, "--output_dir", str(tmp_path / "strict"), "--strict_data", "True"])
     assert strict.returncode == 2 and not (tmp_path / "strict").exists()
     assert strict.stderr.strip().splitlines()[-1].startswith(f"error: {data}: record 1461: field 'output' is empty")
+
+
+def test_a_missing_model_folder_is_one_line(tmp_path):
+    result = run_command([PYTHON, "train.py", "--model_name_or_path", str(tmp_path / "no-model"), "--output_dir",
+                          str(tmp_path / "out")])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'no-model'}: no such model folder")
+    assert not (tmp_path / "out").exists()
