@@ -68,11 +68,6 @@ def train(
         model_path, training_args.model_max_length, training_args.cache_dir, model_args.trust_remote_code
     )
     num_new_tokens = models.add_missing_special_tokens(tokenizer, model_args.pad_token)
-    needs_chat = data_args.prompt_template == "chat" or any(c.multi_turn for c in mix.conversations)
-    if needs_chat and not tokenizer.chat_template:
-        chat_source = next((c.source for c in mix.conversations if c.multi_turn), "--prompt_template chat")
-        raise DataError(f"{model_args.model_name_or_path}: the tokenizer has no chat template, which {chat_source} "
-                        "needs (multi-turn conversations are rendered with it)")
     examples, stats = encode_conversations(
         mix.conversations,
         tokenizer,

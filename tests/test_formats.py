@@ -172,3 +172,13 @@ def test_datasets_as_a_yaml_list(tmp_path):
     _, data_args, _ = parse_train_args(["--config", str(config)])
     assert parse_datasets(data_args.datasets) == [DatasetSpec(str(SAMPLE_DATA), "all"),
                                                   DatasetSpec("dolly.jsonl", "1000", "dolly")]
+
+
+def test_a_chat_format_needs_a_chat_template(tiny_llama, tmp_path, capsys):
+    share = write(tmp_path / "share.json", SHAREGPT, lines=False)
+    assert main(["train", "--model_name_or_path", str(tiny_llama), "--data_path", str(share),
+                 "--output_dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {share}: record 0: a multi-turn conversation is rendered with the tokenizer's chat template, "
+        f"and {tiny_llama} has none")
+    assert not (tmp_path / "out").exists()

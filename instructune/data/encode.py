@@ -53,6 +53,11 @@ def encode_conversations(
     """Examples with input_ids, attention_mask and labels; examples too long are truncated or dropped."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; the model could never learn to stop")
+    if not tokenizer.chat_template:
+        if needing := next((c for c in conversations if template_for(c, template) == "chat"), None):
+            reason = "a multi-turn conversation" if needing.multi_turn else "--prompt_template chat"
+            raise DataError(f"{needing.source}: {reason} is rendered with the tokenizer's chat template, and "
+                            f"{tokenizer.name_or_path} has none")
     rendered = [(template_for(c, template), render_segments(c, template, tokenizer)) for c in conversations]
     # One batched call per kind of segment: the first segment of an Alpaca-template example gets the
     # tokenizer's BOS, like Alpaca's prompts; chat templates write their own special tokens.
