@@ -41,22 +41,26 @@ class ScriptedJudge:
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
-            time.sleep(self.delay)
-            if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
-                return self.send(request, 401, {"error": {"message": "bad key"}})
-            if (fail := re.search(r"\[fail=(\d+)x(\d+)\]", record)) and count <= int(fail.group(2)):
-                return self.send(request, int(fail.group(1)), {"error": {"message": "scripted"}}, retry_after="0.05")
-            if (slow := re.search(r"\[slow=([\d.]+)\]", record)) and count == 1:
-                time.sleep(float(slow.group(1)))
-            said = re.search(r"\[say=(.*?)\]", record)
-            score = re.search(r"\[score=([\d.]+)\]", record)
-            reply = said.group(1).replace("\\n", "\n") if said else f"{score.group(1)}\nScripted reason."
-            self.send(request, 200, {"id": "x", "object": "chat.completion", "model": body["model"],
-                                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
-                                                  "finish_reason": "stop"}]})
-        finally:
+            status, payload, retry_after = self.answer(request, body, record, count)
+        finally:  # counted until the reply is ready: once it is sent, the client may already send the next one
             with self.lock:
                 self.in_flight -= 1
+        self.send(request, status, payload, retry_after)
+
+    def answer(self, request, body: dict, record: str, count: int) -> tuple[int, dict, str | None]:
+        time.sleep(self.delay)
+        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return 401, {"error": {"message": "bad key"}}, None
+        if (fail := re.search(r"\[fail=(\d+)x(\d+)\]", record)) and count <= int(fail.group(2)):
+            return int(fail.group(1)), {"error": {"message": "scripted"}}, "0.05"
+        if (slow := re.search(r"\[slow=([\d.]+)\]", record)) and count == 1:
+            time.sleep(float(slow.group(1)))
+        said = re.search(r"\[say=(.*?)\]", record)
+        score = re.search(r"\[score=([\d.]+)\]", record)
+        reply = said.group(1).replace("\\n", "\n") if said else f"{score.group(1)}\nScripted reason."
+        return 200, {"id": "x", "object": "chat.completion", "model": body["model"],
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                                  "finish_reason": "stop"}]}, None
 
     @staticmethod
     def send(request, status: int, payload: dict, retry_after: str | None = None) -> None:
