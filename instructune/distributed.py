@@ -48,13 +48,26 @@ def adjust_flags_for_device(argv: list[str]) -> list[str]:
 
 
 def adjust_args_for_device(args) -> None:
-    """After parsing: DeepSpeed with optimizer offload keeps torch's AdamW on a CPU-only machine.
+    """After parsing: DeepSpeed with optimizer offload keeps torch's AdamW on a CPU-only machine, and bf16 on a
+    CPU without bf16 arithmetic gets a warning.
 
     Accelerate would swap in DeepSpeedCPUAdam, a C++ extension that g++ builds on first use (35 s,
     2 GB of compiler memory) to do on the CPU what torch's AdamW already does there.
     """
     if on_cpu() and args.deepspeed:
         args.hf_deepspeed_config.config["zero_force_ds_cpu_optimizer"] = False
+    if on_cpu() and args.bf16 and not cpu_has_bf16():
+        logger.warning("--bf16 on a CPU without bf16 instructions (AVX-512-BF16 or AMX): every bf16 operation is "
+                       "emulated, many times slower than fp32; drop --bf16 to train in fp32")
+
+
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU computes in bf16 natively (x86 flags avx512_bf16 or amx_bf16; other machines: assumed yes)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open(cpuinfo) if line.startswith("flags")), None)
+    except OSError:
+        return True
+    return flags is None or bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def init_deepspeed_comm(args) -> None:

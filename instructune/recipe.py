@@ -10,16 +10,19 @@ from dataclasses import dataclass
 
 import torch
 
-from transformers import DataCollatorForSeq2Seq, TrainerCallback
+from transformers import TrainerCallback
 
 from instructune import distributed, models
 from instructune.checkpoint import resume
 from instructune.config import DataArguments, ModelArguments, TrainingArguments
 from instructune.config import shipped
-from instructune.data import IGNORE_INDEX, DataStats, DatasetSpec, encode_conversations, hold_out, load_mix, parse_datasets
+from instructune.data import DataStats, DatasetSpec, hold_out, load_mix, parse_datasets
+from instructune.data.batching import Collator, pack
+from instructune.data.cache import encode_cached
 from instructune.errors import DataError
 from instructune.export import loss_history, prepare_output_dir, save_model_folder
-from instructune.trainer import InstructTrainer
+from instructune.speed import SpeedMeter
+from instructune.trainer import InstructTrainer, supports_target_logits, target_token_loss
 
 logger = logging.getLogger("instructune")
 
@@ -62,19 +65,22 @@ def train(
     specs = [dataclasses.replace(spec, path=shipped(spec.path)) for spec in specs]
     mix = load_mix(specs, training_args.seed, data_args.strict_data, data_args.dedup)
 
-    # 2. Tokenizer, with the pad and EOS tokens that training needs; then the examples.
+    # 2. Tokenizer, with the pad and EOS tokens that training needs; then the examples (tokenised once, cached).
     model_path = models.resolve_model_path(model_args.model_name_or_path)
     tokenizer = models.load_tokenizer(
         model_path, training_args.model_max_length, training_args.cache_dir, model_args.trust_remote_code
     )
     num_new_tokens = models.add_missing_special_tokens(tokenizer, model_args.pad_token)
-    examples, stats = encode_conversations(
+    examples, stats, _ = encode_cached(
         mix.conversations,
         tokenizer,
         data_args.prompt_template,
         training_args.model_max_length,
         data_args.train_on_inputs,
         data_args.overlong,
+        data_args.tokenized_cache_dir,
+        data_args.preprocessing_num_workers,
+        training_args.main_process_first,
     )
     if not examples:
         raise DataError(f"{', '.join(s.path for s in specs)}: no record fits in model_max_length={training_args.model_max_length}")
@@ -82,6 +88,10 @@ def train(
     if data_args.val_set_size:
         examples, validation = hold_out(examples, data_args.val_set_size, training_args.seed)
         training_args.eval_on_start = True  # the held-out loss before training; the final one is measured below
+    train_examples = examples
+    if data_args.packing:
+        train_examples, fill = pack(examples, training_args.model_max_length)
+        stats = dataclasses.replace(stats, packed_rows=len(train_examples), packed_fill=fill)
     stats = dataclasses.replace(stats, skipped=dict(mix.skipped), duplicates=dict(mix.duplicates), sources=mix.sources,
                                 heldout=len(validation))
     logger.info("data: %s", stats.summary())
@@ -93,22 +103,34 @@ def train(
     if num_new_tokens:
         models.resize_embeddings(model, tokenizer, num_new_tokens)
 
-    # 4. Train.
+    # 4. Train: padded, padding-free or packed batches; logits and loss at target positions only where the model
+    # can (every HF causal LM of transformers 5: `logits_to_keep`); speed measured all along.
+    target_logits = supports_target_logits(model)
+    collator = Collator(tokenizer, flatten=data_args.padding_free or data_args.packing, target_logits_only=target_logits)
     trainer = InstructTrainer(
         model=model,
         args=training_args,
-        train_dataset=examples,
+        train_dataset=train_examples,
         eval_dataset=validation or None,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
+        compute_loss_func=target_token_loss if target_logits else None,
+        speed=SpeedMeter(model, training_args.device, training_args.world_size),
+        flat_batches=collator.flatten,
     )
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.speed.take_window()  # the steps since the last log
+    speed = trainer.speed.summary()
+    if "tokens_per_second" in speed:
+        logger.info("speed: %.0f tokens/s (%.0f target tokens/s), %.1f%% padding, MFU %s", speed["tokens_per_second"],
+                    speed["target_tokens_per_second"], 100 * speed["padding_fraction"],
+                    f"{speed['mfu']:.1%}" if "mfu" in speed else "n/a")
     if validation:
         trainer.evaluate()
 
     # 5. Export: a Hugging Face folder and the run summary.
-    save_model_folder(trainer, result.metrics, stats)
+    save_model_folder(trainer, result.metrics, stats, speed)
     losses = [e["loss"] for e in loss_history(trainer)]
     heldout = [e["loss"] for e in loss_history(trainer, "eval_loss")]
     if heldout:

@@ -1,16 +1,69 @@
-"""The Hugging Face Trainer, with what it lacks here: real FSDP on the CPU, sharded saves, and
-checkpoints that count only once complete."""
+"""The Hugging Face Trainer, with what it lacks here: real FSDP on the CPU, sharded saves, checkpoints
+that count only once complete, a check that flattened batches keep examples apart, the loss on target
+positions only, and speed figures in its logs."""
 
 import functools
+import logging
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from transformers import Trainer
 
 from instructune import distributed
 from instructune.checkpoint import resume
+from instructune.data import IGNORE_INDEX
+from instructune.errors import UserError
+from instructune.speed import SpeedMeter
+
+logger = logging.getLogger("instructune")
+
+
+def target_token_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """The causal-LM loss from logits computed at target positions only (`logits_to_keep`, see batching.py).
+
+    The same sum over targets as the model's own loss (labels shifted by one), divided by the targets
+    of the whole optimizer step (`num_items_in_batch`, counted by the Trainer across micro-batches and
+    ranks), or by this batch's targets when the Trainer gives no count (evaluation)."""
+    targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+    logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
+    total = F.cross_entropy(logits.float(), targets, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+    return total / count
+
+
+def supports_target_logits(model) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
 
 
 class InstructTrainer(Trainer):
+    def __init__(self, *args, speed: SpeedMeter | None = None, flat_batches: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.speed, self.flat_batches = speed, flat_batches
+        self.mask_from_positions = None  # flattened batches: None until checked, then whether to build the mask
+        if speed is not None:
+            self.add_callback(speed)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.speed is not None:
+            self.speed.count(inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Both training and evaluation come here: flattened batches are checked before the first of either.
+        if self.flat_batches and self.mask_from_positions is None:
+            self.mask_from_positions = mask_needed_to_keep_examples_apart(model, self.data_collator, self.args.device)
+        if self.mask_from_positions:
+            inputs = {**inputs, "attention_mask": causal_mask_from_positions(model, inputs["position_ids"])}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if self.speed is not None and "loss" in logs:  # a training log: add this window's speed
+            logs.update(self.speed.take_window())
+        super().log(logs, start_time)
+
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled and distributed.on_cpu():
@@ -74,3 +127,71 @@ def _second_names(model) -> set[str]:
             names.add(name)
         seen.add(id(parameter))
     return names
+
+
+def mask_needed_to_keep_examples_apart(model, collator, device) -> bool:
+    """Before the first flattened step: do examples that share a row stay apart, as they must?
+
+    Two short examples in one batch, then the first one changed: the second one's logits must not
+    move. Most families build their block-diagonal mask from the position ids themselves (no mask
+    given); some build it without them (OPT): for those, transformers' own mask builder is given the
+    position ids (causal_mask_from_positions), checked the same way. Returns whether that mask is
+    needed; if neither keeps the examples apart, the run stops rather than learn from the wrong context.
+    Runs through the wrapped model (DDP, FSDP, DeepSpeed gather what they need), on every rank, in eval
+    mode (dropout off), with the collator's own batches: the path training takes.
+    """
+    first = {"input_ids": [5, 6, 7, 8, 9, 10], "labels": [IGNORE_INDEX] * 3 + [8, 9, 10]}
+    second = {"input_ids": [11, 12, 13, 14, 15], "labels": [IGNORE_INDEX] * 2 + [13, 14, 15]}
+    changed = {**first, "input_ids": [16, 17, 18, 19, 20, 21]}
+
+    def second_logits(pair, with_mask: bool) -> torch.Tensor:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator(pair).items()}
+        batch.pop("labels")
+        batch.pop("logits_to_keep", None)  # all positions: the second example's are the last five
+        if with_mask:
+            batch["attention_mask"] = causal_mask_from_positions(model, batch["position_ids"])
+        return model(**batch).logits[0, -len(second["input_ids"]):].float()
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            moved = {}
+            for with_mask in (False, True):
+                before, after = second_logits([first, second], with_mask), second_logits([changed, second], with_mask)
+                moved[with_mask] = (before - after).abs().max().item()
+                if moved[with_mask] <= 1e-4 * (1 + before.abs().max().item()):
+                    if with_mask:
+                        logger.info("flattened batches: %s builds its attention mask without the position ids; "
+                                    "giving it the block-diagonal mask built from them", _model_name(model))
+                    return with_mask
+    finally:
+        model.train(was_training)
+    attention = getattr(unwrap(model).config, "_attn_implementation", "?")
+    raise UserError(f"{_model_name(model)} with attn_implementation={attention} lets examples in one flattened row attend "
+                    f"to each other (an example's logits moved by {moved[False]:.2g} when another changed, "
+                    f"{moved[True]:.2g} with a block-diagonal mask), so --padding_free/--packing cannot train it "
+                    "exactly; train without them (padded batches; --group_by_length True keeps padding low)")
+
+
+def causal_mask_from_positions(model, position_ids: torch.Tensor):
+    """transformers' block-diagonal causal mask for these position ids, in the form the model's attention
+    implementation takes (a 4-D mask, which the model then uses as it is)."""
+    from transformers.masking_utils import create_causal_mask
+
+    unwrapped = unwrap(model)
+    dtype = unwrapped.get_input_embeddings().weight.dtype
+    shape_only = torch.empty(*position_ids.shape, 1, dtype=dtype, device=position_ids.device)  # batch, length, dtype
+    return create_causal_mask(config=unwrapped.config.get_text_config(), inputs_embeds=shape_only, attention_mask=None,
+                              cache=None, position_ids=position_ids)
+
+
+def unwrap(model):
+    """The Hugging Face model inside a DDP or DeepSpeed wrapper (FSDP2 wraps in place)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _model_name(model) -> str:
+    return type(unwrap(model)).__name__

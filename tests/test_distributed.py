@@ -160,3 +160,20 @@ def test_two_nodes_on_loopback(ddp_weights, tiny_llama, tmp_path):
 
 def test_slurm_script_is_valid_bash():
     assert run_command(["bash", "-n", "scripts/train.slurm"]).returncode == 0
+
+
+def test_padding_free_under_fsdp_trains_the_ddp_model(ddp_weights, tiny_llama, tmp_path):
+    """The same batches flattened: equal to padded DDP up to AdamW's amplified round-off (see test_batching)."""
+    summary = train_with(tiny_llama, tmp_path / "out", "--strategy", "fsdp", "--padding_free", "True")
+    assert summary["strategy"] == "fsdp" and summary["speed"]["padding_fraction"] == 0.0
+    assert max_difference(weights(tmp_path / "out"), ddp_weights["llama"]) < 1e-3
+
+
+def test_packing_under_zero3_with_a_family_that_needs_the_mask(tiny_opt, tmp_path):
+    """OPT builds its mask without the position ids: the block-diagonal mask is given to it, through ZeRO-3."""
+    result = torchrun("train.py", *equivalence_flags(tiny_opt, tmp_path / "out"), "--strategy", "zero3",
+                      "--packing", "True", "--model_max_length", "512")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "giving it the block-diagonal mask" in result.stderr
+    summary = check_model_folder(tmp_path / "out", tiny_opt, world_size=2, loss_drop=0.2)
+    assert summary["strategy"] == "deepspeed-zero3" and 0 < summary["data"]["packed_rows"] < summary["data"]["kept"] / 2

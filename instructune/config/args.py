@@ -80,6 +80,24 @@ class DataArguments:
             "choices": ["truncate", "drop"],
         },
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Flatten each batch into one row with position ids restarting at each example and no padding: "
+                  "the same examples per step and the same result as padded batches, without computing pads."},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack examples into rows of up to model_max_length tokens (best fit decreasing, never split); "
+                  "a batch is per_device_train_batch_size rows, flattened as with --padding_free: fewer, fuller steps."},
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes that tokenise the data (once: the result is cached)."}
+    )
+    tokenized_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where tokenised data is cached (default: $INSTRUCTUNE_CACHE/tokenized, "
+                  "~/.cache/instructune/tokenized)."},
+    )
 
 
 @dataclass

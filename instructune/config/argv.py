@@ -144,6 +144,10 @@ def translate_legacy_flags(argv: list[str]) -> list[str]:
             items.append((RENAMED_FLAGS[flag], values))
         elif flag in REMOVED_FLAGS:
             logger.info("%s was removed in transformers 5: ignored", flag)
+        elif flag == "--group_by_length":
+            logger.info("--group_by_length is --train_sampling_strategy group_by_length in transformers 5: using that")
+            if not values or values[0].lower() in ("true", "1", "yes"):
+                items.append(("--train_sampling_strategy", ["group_by_length"]))
         elif flag == "--fsdp_transformer_layer_cls_to_wrap":
             layer_classes += [name for value in values for name in value.split(",")]
         else:

@@ -29,17 +29,24 @@ class DataStats:
     duplicates: dict[str, int] = field(default_factory=dict)  # removed: exact, normalised
     sources: dict[str, int] = field(default_factory=dict)  # conversations taken from each dataset
     heldout: int = 0  # examples held out for validation
+    packed_rows: int = 0  # with --packing: rows the training examples were packed into
+    packed_fill: float = 0.0  # real tokens / (rows × model_max_length)
 
     def summary(self) -> str:
         text = (f"{self.records} records → {self.kept} examples ({self.truncated} truncated, "
                 f"{self.dropped} dropped; longest {self.longest} tokens)")
         if self.heldout:
             text += f", {self.heldout} held out for validation"
+        if self.packed_rows:
+            text += f"; packed into {self.packed_rows} rows ({self.packed_fill:.1%} full)"
         if len(self.sources) > 1:
             text += "; from " + ", ".join(f"{name} {count}" for name, count in self.sources.items())
         if any(self.duplicates.values()):
             text += f"; duplicates removed: {self.duplicates.get('exact', 0)} exact, {self.duplicates.get('normalised', 0)} normalised"
         return text + (f"; {skipped_summary(self.skipped)}" if self.skipped else "")
+
+
+KEPT, TRUNCATED, DROPPED = 0, 1, 2  # what became of a conversation (the `outcome` column)
 
 
 def encode_conversations(
@@ -51,6 +58,29 @@ def encode_conversations(
     overlong: str = "truncate",
 ) -> tuple[list[dict], DataStats]:
     """Examples with input_ids, attention_mask and labels; examples too long are truncated or dropped."""
+    return examples_and_stats(encode_columns(conversations, tokenizer, template, max_length, train_on_inputs, overlong))
+
+
+def examples_and_stats(columns: dict[str, list]) -> tuple[list[dict], DataStats]:
+    """The kept examples of encode_columns' output, and what became of the rest."""
+    outcomes = columns["outcome"]
+    examples = [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+                for ids, labels, outcome in zip(columns["input_ids"], columns["labels"], outcomes) if outcome != DROPPED]
+    stats = DataStats(len(outcomes), len(examples), outcomes.count(TRUNCATED), outcomes.count(DROPPED),
+                      max(columns["length"], default=0))
+    return examples, stats
+
+
+def encode_columns(
+    conversations: list[Conversation],
+    tokenizer,
+    template: str,
+    max_length: int,
+    train_on_inputs: bool = False,
+    overlong: str = "truncate",
+) -> dict[str, list]:
+    """One row per conversation: input_ids and labels (empty if dropped), its length before truncation and
+    its outcome (KEPT, TRUNCATED or DROPPED); the shape of a batched `datasets` map (see cache.py)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; the model could never learn to stop")
     if not tokenizer.chat_template:
@@ -72,7 +102,8 @@ def encode_conversations(
         for i, tokens in zip(chosen, encoded):
             ids[i] = tokens
 
-    examples, truncated, dropped, longest, position = [], 0, 0, 0, 0
+    columns = {"input_ids": [], "labels": [], "length": [], "outcome": []}
+    position = 0
     for chosen_template, segments in rendered:
         input_ids, labels = [], []
         for text, is_target in segments:
@@ -83,16 +114,18 @@ def encode_conversations(
         if chosen_template == "alpaca":
             input_ids.append(tokenizer.eos_token_id)
             labels.append(tokenizer.eos_token_id)
-        longest = max(longest, len(input_ids))
+        columns["length"].append(len(input_ids))
+        outcome = KEPT
         if len(input_ids) > max_length:
             first_target = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
             if overlong == "drop" or first_target >= max_length:  # nothing of the response would be left
-                dropped += 1
-                continue
-            input_ids, labels = input_ids[:max_length], labels[:max_length]
-            truncated += 1
-        examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
-    return examples, DataStats(len(conversations), len(examples), truncated, dropped, longest)
+                outcome, input_ids, labels = DROPPED, [], []
+            else:
+                outcome, input_ids, labels = TRUNCATED, input_ids[:max_length], labels[:max_length]
+        columns["input_ids"].append(input_ids)
+        columns["labels"].append(labels)
+        columns["outcome"].append(outcome)
+    return columns
 
 
 def hold_out(examples: list[dict], size: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -1,0 +1,193 @@
+"""Useful (target) tokens per second of Stanford Alpaca's pipeline and of ours, same model, data, batch and optimizer.
+
+The reference does what Alpaca's train.py does: each example tokenised on its own (`source`, then
+`source + target`), random batches padded to the longest, the model's own loss over every position.
+Ours: tokenised in batches and cached, then padding-free batches (the same examples per step,
+flattened) with logits and loss at target positions only, then packed rows (best fit decreasing).
+Every pipeline trains SmolLM2-135M (the built-in model) for one epoch over the same fixed subset of
+`../shared/data/random_9k.json` with AdamW, in one process, one after another, and is measured by the
+same speed meter (instructune/speed.py: steady state after 2 warm-up steps). Tokenisation is timed on
+all 9,229 records: the reference loop, our cold (cache miss) and warm (cache hit) runs.
+
+    .venv/bin/python bench/throughput.py                         # ~10 minutes on 2 CPU cores
+    .venv/bin/python bench/throughput.py --examples 64 --pipelines reference padding_free
+    On a GPU machine the same command trains in bf16 (flash attention if importable, else sdpa).
+
+Last line, machine-readable: useful_tokens_per_s_ratio (padding-free over reference), padding_ours,
+padding_ref, tokenize_cold_ratio (reference time over our cold time), tokenize_warm_s, mfu (padding-free).
+"""
+
+import argparse
+import copy
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from instructune import models  # noqa: E402
+from instructune.builtin import builtin_model_path  # noqa: E402
+from instructune.data import IGNORE_INDEX, DatasetSpec, load_mix  # noqa: E402
+from instructune.data.batching import Collator, pack  # noqa: E402
+from instructune.data.cache import encode_cached  # noqa: E402
+from instructune.data.templates import ALPACA_NO_INPUT, ALPACA_WITH_INPUT  # noqa: E402
+from instructune.speed import SpeedMeter  # noqa: E402
+from instructune.trainer import InstructTrainer, target_token_loss  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data" / "random_9k.json"
+PIPELINES = ["reference", "padding_free_all_logits", "padding_free", "packing", "padding_free_fused_adamw"]
+
+
+def alpaca_tokenise(records: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """Stanford Alpaca's preprocess(): one tokenizer call per source and per source + target, labels masked by
+    the source's length."""
+    def tokenize(text):
+        return tokenizer(text, return_tensors="pt", padding="longest", max_length=max_length, truncation=True).input_ids[0]
+
+    examples = []
+    for r in records:
+        pattern = ALPACA_WITH_INPUT if r.get("input") else ALPACA_NO_INPUT
+        source = pattern.format(instruction=r["instruction"], input=r.get("input", ""))
+        ids = tokenize(source + r["output"] + tokenizer.eos_token)
+        labels = ids.clone()
+        labels[: len(tokenize(source))] = IGNORE_INDEX
+        examples.append({"input_ids": ids, "labels": labels})
+    return examples
+
+
+def alpaca_collate(tokenizer):
+    """Alpaca's DataCollatorForSupervisedDataset, with the mask taken from the lengths (Alpaca's ne(pad) would
+    also mask SmolLM2's EOS, whose id is the pad id: that is a correctness bug, not a speed difference)."""
+    def collate(examples):
+        ids = torch.nn.utils.rnn.pad_sequence([e["input_ids"] for e in examples], batch_first=True,
+                                              padding_value=tokenizer.pad_token_id)
+        labels = torch.nn.utils.rnn.pad_sequence([e["labels"] for e in examples], batch_first=True,
+                                                 padding_value=IGNORE_INDEX)
+        mask = torch.zeros_like(ids)
+        for row, e in enumerate(examples):
+            mask[row, : len(e["input_ids"])] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return collate
+
+
+def train_speed(name: str, model_path: str, tokenizer, dataset, collator, batch_size: int, fused: bool,
+                loss_func, flat: bool) -> dict:
+    gpu = torch.cuda.is_available()
+    attention = "sdpa"
+    if gpu:
+        import importlib.util
+
+        attention = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                              attn_implementation=attention)
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = transformers.TrainingArguments(
+            output_dir=output_dir, per_device_train_batch_size=batch_size, num_train_epochs=1, learning_rate=2e-5,
+            optim="adamw_torch_fused" if fused else "adamw_torch", lr_scheduler_type="constant", logging_steps=1,
+            save_strategy="no", report_to=[], use_cpu=not gpu, bf16=gpu, seed=42, disable_tqdm=True,
+            remove_unused_columns=False)
+        trainer = InstructTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                                  processing_class=tokenizer, compute_loss_func=loss_func,
+                                  speed=SpeedMeter(model, args.device), flat_batches=flat)
+        trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # a line per step: the summary suffices
+        started = time.perf_counter()
+        trainer.train()
+        trainer.speed.take_window()
+        speed = trainer.speed.summary()
+    speed.update(name=name, steps=trainer.state.global_step, wall_s=time.perf_counter() - started,
+                 attention=attention, dtype="bf16" if gpu else "fp32")
+    print(f"  {name}: {speed['steps']} steps, {speed['target_tokens_per_second']:.0f} target tokens/s, "
+          f"{speed['tokens_per_second']:.0f} tokens/s, padding {speed['padding_fraction']:.1%}, "
+          f"MFU {speed.get('mfu', float('nan')):.1%}", flush=True)
+    return speed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=128, help="training examples, a fixed random subset")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--pipelines", nargs="+", default=PIPELINES, choices=PIPELINES)
+    parser.add_argument("--json", help="also write the figures to this file")
+    options = parser.parse_args()
+    if not DATA.exists():
+        sys.exit(f"skipped: {DATA} is absent (the shared data folder is not beside the repo)")
+    torch.manual_seed(0)
+    model_path = str(builtin_model_path("smollm2-135m"))
+    tokenizer = models.load_tokenizer(model_path, options.max_length)
+    models.add_missing_special_tokens(tokenizer, "[PAD]")
+    records = json.loads(DATA.read_text())
+    conversations = load_mix([DatasetSpec(str(DATA))], dedup=False).conversations  # Alpaca keeps duplicates too
+
+    print(f"tokenising {len(records)} records ({DATA.name}), SmolLM2's tokenizer, max length {options.max_length}")
+    started = time.perf_counter()
+    alpaca_tokenise(records, tokenizer, options.max_length)
+    reference_s = time.perf_counter() - started
+    cache = Path(tempfile.mkdtemp(prefix="instructune-bench-"))
+    try:
+        timings = []
+        for _ in ("cold", "warm"):
+            started = time.perf_counter()
+            examples, _, _ = encode_cached(conversations, tokenizer, "alpaca", options.max_length, False, "truncate",
+                                             cache)
+            timings.append(time.perf_counter() - started)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    cold_s, warm_s = timings
+    print(f"  reference (one call per text): {reference_s:.2f} s; ours: cold {cold_s:.2f} s, warm {warm_s:.2f} s "
+          f"(cold {reference_s / cold_s:.1f}× faster)")
+
+    chosen = sorted(random.Random(0).sample(range(len(records)), options.examples))
+    usable = [i for i in chosen if records[i]["output"].strip()]  # the same records in both pipelines
+    reference_examples = alpaca_tokenise([records[i] for i in usable], tokenizer, options.max_length)
+    position = {c.source: n for n, c in enumerate(conversations)}
+    ours = [examples[position[f"{DATA}: record {i}"]] for i in usable]
+    ours = [{k: e[k] for k in ("input_ids", "labels")} for e in ours]
+    # The same records; a few differ by a token where Alpaca tokenises prompt and response as one text.
+    reference_tokens, our_tokens = (sum(len(e["input_ids"]) for e in s) for s in (reference_examples, ours))
+    assert abs(reference_tokens - our_tokens) < 0.01 * reference_tokens, (reference_tokens, our_tokens)
+
+    print(f"training 1 epoch on {len(usable)} examples, batch {options.batch_size}, AdamW, "
+          f"{'bf16 on ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'fp32 on the CPU'}")
+    results = {}
+    for name in options.pipelines:
+        if name == "reference":
+            results[name] = train_speed(name, model_path, tokenizer, reference_examples, alpaca_collate(tokenizer),
+                                        options.batch_size, False, None, False)
+            continue
+        target_only = name != "padding_free_all_logits"
+        collator = Collator(tokenizer, flatten=True, target_logits_only=target_only)
+        dataset, batch = copy.copy(ours), options.batch_size
+        if name == "packing":  # rows of max_length tokens; one row per step holds about as many examples as a batch
+            dataset, fill = pack(ours, options.max_length)
+            batch = 1
+            print(f"  packing: {len(ours)} examples into {len(dataset)} rows, {fill:.1%} full")
+        results[name] = train_speed(name, model_path, tokenizer, dataset, collator, batch,
+                                    name.endswith("fused_adamw"), target_token_loss if target_only else None, True)
+
+    reference = results.get("reference")
+    best = results.get("padding_free")
+    if reference:
+        print("\nuseful (target) tokens/s as a ratio to the reference:")
+        for name, r in results.items():
+            print(f"  {name:26s} {r['target_tokens_per_second'] / reference['target_tokens_per_second']:5.2f}×  "
+                  f"padding {r['padding_fraction']:.1%}  MFU {r.get('mfu', float('nan')):.1%}")
+    if options.json:
+        Path(options.json).write_text(json.dumps({"tokenize": {"reference_s": reference_s, "cold_s": cold_s,
+                                                                "warm_s": warm_s}, "train": results}, indent=1))
+    if reference and best:
+        print(f"useful_tokens_per_s_ratio={best['target_tokens_per_second'] / reference['target_tokens_per_second']:.2f} "
+              f"padding_ours={best['padding_fraction']:.3f} padding_ref={reference['padding_fraction']:.3f} "
+              f"tokenize_cold_ratio={reference_s / cold_s:.2f} tokenize_warm_s={warm_s:.2f} mfu={best.get('mfu', 0):.3f}")
+
+
+if __name__ == "__main__":
+    main()
