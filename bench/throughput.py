@@ -2,14 +2,16 @@
 
 The reference does what Alpaca's train.py does: each example tokenised on its own (`source`, then
 `source + target`), random batches padded to the longest, the model's own loss over every position.
-Ours: tokenised in batches and cached, then padding-free batches (the same examples per step,
-flattened) with logits and loss at target positions only, then packed rows (best fit decreasing).
+Ours: tokenised in batches and cached; logits and loss at target positions only and AdamW in one
+fused kernel, on padded batches (instructune's default), padding-free batches (the same examples per
+step, flattened) and packed rows (best fit decreasing); and two ablations of padding-free that undo
+one thing each (all logits; AdamW stepped tensor by tensor, as Alpaca's adamw_torch).
 Every pipeline trains SmolLM2-135M (the built-in model) for one epoch over the same fixed subset of
 `../shared/data/random_9k.json` with AdamW, in one process, one after another, and is measured by the
 same speed meter (instructune/speed.py: steady state after 2 warm-up steps). Tokenisation is timed on
 all 9,229 records: the reference loop, our cold (cache miss) and warm (cache hit) runs.
 
-    .venv/bin/python bench/throughput.py                         # ~10 minutes on 2 CPU cores
+    .venv/bin/python bench/throughput.py                         # ~12 minutes on 2 CPU cores
     .venv/bin/python bench/throughput.py --examples 64 --pipelines reference padding_free
     On a GPU machine the same command trains in bf16 (flash attention if importable, else sdpa).
 
@@ -43,7 +45,8 @@ from instructune.speed import SpeedMeter  # noqa: E402
 from instructune.trainer import InstructTrainer, target_token_loss  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "random_9k.json"
-PIPELINES = ["reference", "padding_free_all_logits", "padding_free", "packing", "padding_free_fused_adamw"]
+# reference: Alpaca's. Then ours, and ablations of ours that undo one thing each.
+PIPELINES = ["reference", "padded", "padding_free_all_logits", "padding_free_foreach_adamw", "padding_free", "packing"]
 
 
 def alpaca_tokenise(records: list[dict], tokenizer, max_length: int) -> list[dict]:
@@ -159,19 +162,19 @@ def main() -> None:
           f"{'bf16 on ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'fp32 on the CPU'}")
     results = {}
     for name in options.pipelines:
-        if name == "reference":
+        if name == "reference":  # Alpaca: padded batches, every position's logits, AdamW stepped tensor by tensor
             results[name] = train_speed(name, model_path, tokenizer, reference_examples, alpaca_collate(tokenizer),
                                         options.batch_size, False, None, False)
             continue
-        target_only = name != "padding_free_all_logits"
-        collator = Collator(tokenizer, flatten=True, target_logits_only=target_only)
+        target_only, flat = name != "padding_free_all_logits", name != "padded"
+        collator = Collator(tokenizer, flatten=flat, target_logits_only=target_only)
         dataset, batch = copy.copy(ours), options.batch_size
         if name == "packing":  # rows of max_length tokens; one row per step holds about as many examples as a batch
             dataset, fill = pack(ours, options.max_length)
             batch = 1
             print(f"  packing: {len(ours)} examples into {len(dataset)} rows, {fill:.1%} full")
-        results[name] = train_speed(name, model_path, tokenizer, dataset, collator, batch,
-                                    name.endswith("fused_adamw"), target_token_loss if target_only else None, True)
+        results[name] = train_speed(name, model_path, tokenizer, dataset, collator, batch, name != "padding_free_foreach_adamw",
+                                    target_token_loss if target_only else None, flat)
 
     reference = results.get("reference")
     best = results.get("padding_free")

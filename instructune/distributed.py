@@ -56,7 +56,7 @@ def adjust_args_for_device(args) -> None:
     """
     if on_cpu() and args.deepspeed:
         args.hf_deepspeed_config.config["zero_force_ds_cpu_optimizer"] = False
-    if on_cpu() and args.bf16 and not cpu_has_bf16():
+    if on_cpu() and args.bf16 and not cpu_has_bf16() and main_process():
         logger.warning("--bf16 on a CPU without bf16 instructions (AVX-512-BF16 or AMX): every bf16 operation is "
                        "emulated, many times slower than fp32; drop --bf16 to train in fp32")
 

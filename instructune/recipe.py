@@ -106,7 +106,8 @@ def train(
     # 4. Train: padded, padding-free or packed batches; logits and loss at target positions only where the model
     # can (every HF causal LM of transformers 5: `logits_to_keep`); speed measured all along.
     target_logits = supports_target_logits(model)
-    collator = Collator(tokenizer, flatten=data_args.padding_free or data_args.packing, target_logits_only=target_logits)
+    collator = Collator(tokenizer, flatten=data_args.padding_free or data_args.packing, target_logits_only=target_logits,
+                        flash_attention="flash" in str(model.config._attn_implementation))
     trainer = InstructTrainer(
         model=model,
         args=training_args,

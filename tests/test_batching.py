@@ -228,3 +228,12 @@ def test_loss_is_the_mean_over_the_steps_targets_across_ranks_and_micro_batches(
     ranks = {k: v for s in sorted((tmp_path / "ranks").glob("model-*.safetensors")) for k, v in load_file(s).items()}
     assert single.keys() == ranks.keys()
     assert max((single[k] - ranks[k]).abs().max().item() for k in single) < 1e-6
+
+
+def test_flash_attention_gets_the_boundaries_as_varlen_arguments(tiny_llama):
+    tokenizer, examples = tokenizer_and_examples(tiny_llama, count=3)
+    batch = Collator(tokenizer, flatten=True, flash_attention=True)(examples)
+    lengths = [len(e["input_ids"]) for e in examples]
+    bounds = [0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == bounds
+    assert batch["max_length_q"] == max(lengths) and "attention_mask" not in batch

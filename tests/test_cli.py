@@ -52,7 +52,7 @@ def test_alpaca_readme_command_parses_on_the_cpu(tmp_path):
     assert args.eval_strategy == "no" and args.warmup_steps == 0.03 and args.learning_rate == 2e-5
     assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
     assert args.use_cpu and args.bf16 and not args.tf32
-    assert args.optim == "adamw_torch" and args.model_max_length == 512  # Alpaca's defaults
+    assert args.optim == "adamw_torch_fused" and args.model_max_length == 512  # AdamW (fused) and Alpaca's length
 
 
 def test_yaml_config_with_cli_overrides(tmp_path):

@@ -103,7 +103,11 @@ class DataArguments:
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     cache_dir: str | None = field(default=None, metadata={"help": "Hugging Face download cache."})
-    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (Alpaca's default, adamw_torch)."})
+    optim: str = field(
+        default="adamw_torch_fused",
+        metadata={"help": "Optimizer: AdamW in one fused kernel (transformers 5's default). Alpaca's adamw_torch is the "
+                  "same AdamW stepped tensor by tensor, about 6x slower to step on the CPU."},
+    )
     model_max_length: int = field(
         default=512, metadata={"help": "Maximum sequence length; longer records are truncated or dropped."}
     )

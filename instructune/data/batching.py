@@ -33,10 +33,11 @@ class Collator:
     tokenizer: object
     flatten: bool = False  # padding-free / packed: one row, position ids, no attention mask
     target_logits_only: bool = False  # add logits_to_keep (the model must accept it)
+    flash_attention: bool = False  # flattened: also the boundaries as flash attention's varlen kwargs (cu_seq_lens)
 
     def __post_init__(self):
         self.padded = DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=IGNORE_INDEX)
-        self.flat = DataCollatorWithFlattening(separator_id=IGNORE_INDEX)
+        self.flat = DataCollatorWithFlattening(separator_id=IGNORE_INDEX, return_flash_attn_kwargs=self.flash_attention)
 
     def __call__(self, items: list) -> dict:
         # An item is one example (a dict) or a packed row (a list of examples).
