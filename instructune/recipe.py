@@ -78,9 +78,9 @@ def train(
         training_args.model_max_length,
         data_args.train_on_inputs,
         data_args.overlong,
-        data_args.tokenized_cache_dir,
-        data_args.preprocessing_num_workers,
-        training_args.main_process_first,
+        cache_dir=data_args.tokenized_cache_dir,
+        workers=data_args.preprocessing_num_workers,
+        main_process_first=training_args.main_process_first,  # one process per node tokenises, the others load
     )
     if not examples:
         raise DataError(f"{', '.join(s.path for s in specs)}: no record fits in model_max_length={training_args.model_max_length}")

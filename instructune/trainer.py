@@ -3,6 +3,7 @@ that count only once complete, a check that flattened batches keep examples apar
 positions only, and speed figures in its logs."""
 
 import functools
+import inspect
 import logging
 from pathlib import Path
 
@@ -33,8 +34,6 @@ def target_token_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) ->
 
 
 def supports_target_logits(model) -> bool:
-    import inspect
-
     return "logits_to_keep" in inspect.signature(type(model).forward).parameters
 
 

@@ -49,16 +49,11 @@ class DataStats:
 KEPT, TRUNCATED, DROPPED = 0, 1, 2  # what became of a conversation (the `outcome` column)
 
 
-def encode_conversations(
-    conversations: list[Conversation],
-    tokenizer,
-    template: str,
-    max_length: int,
-    train_on_inputs: bool = False,
-    overlong: str = "truncate",
-) -> tuple[list[dict], DataStats]:
-    """Examples with input_ids, attention_mask and labels; examples too long are truncated or dropped."""
-    return examples_and_stats(encode_columns(conversations, tokenizer, template, max_length, train_on_inputs, overlong))
+def encode_conversations(conversations: list[Conversation], tokenizer, template: str, max_length: int,
+                         **options) -> tuple[list[dict], DataStats]:
+    """Examples with input_ids, attention_mask and labels; examples too long are truncated or dropped.
+    `options`: train_on_inputs, overlong, as for encode_columns."""
+    return examples_and_stats(encode_columns(conversations, tokenizer, template, max_length, **options))
 
 
 def examples_and_stats(columns: dict[str, list]) -> tuple[list[dict], DataStats]:
