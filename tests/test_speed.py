@@ -82,3 +82,11 @@ def test_bf16_without_cpu_support_is_detected(tmp_path):
     without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
     native.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
     assert not cpu_has_bf16(str(without)) and cpu_has_bf16(str(native))
+
+
+def test_group_by_length_keeps_padding_small(tiny_llama, tmp_path):
+    padding = {}
+    for name, extra in (("random", []), ("grouped", ["--group_by_length", "True"])):
+        assert main(["train", *tiny_run_flags(tiny_llama, tmp_path / name, steps=6), *extra]) == 0
+        padding[name] = json.loads((tmp_path / name / "train_results.json").read_text())["speed"]["padding_fraction"]
+    assert padding["grouped"] < padding["random"] / 1.5, padding  # sorted within random groups of 3 batches
