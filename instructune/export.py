@@ -14,12 +14,14 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from instructune.adapters import is_adapter
 from instructune.data import DataStats
 from instructune.errors import ConfigError, UserError
 from instructune.tensorio import out_of_space
 
 STAGING = ".final-model.partial"  # inside output_dir, so that the moves into place are renames
 WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+MERGED = "merged"  # with --merge_adapter: the base model with the adapter merged in
 
 
 def prepare_output_dir(args, model_path: str) -> None:
@@ -64,7 +66,7 @@ def save_model_folder(trainer, metrics: dict, data_stats: DataStats, speed: dict
         trainer.save_model(str(staging))  # every rank takes part (ZeRO-3 and FSDP gather); the main process writes
         if not trainer.is_world_process_zero():
             return
-        if trainer.is_deepspeed_enabled and not any(staging.glob("model*.safetensors")):
+        if trainer.is_deepspeed_enabled and not any(staging.glob("model*.safetensors")) and not is_adapter(staging):
             consolidate_zero_checkpoint(trainer, staging)
     except Exception as e:
         if not out_of_space(e):
@@ -94,6 +96,7 @@ def move_into_place(staging: Path, output_dir: Path) -> None:
     for pattern in WEIGHT_FILES:
         for stale in output_dir.glob(pattern):
             stale.unlink()
+    shutil.rmtree(output_dir / MERGED, ignore_errors=True)  # an earlier adapter's merge
     for file in staging.iterdir():
         file.replace(output_dir / file.name)
     staging.rmdir()

@@ -2,7 +2,7 @@
 
 import torch
 
-from instructune import models
+from instructune import adapters, models
 from instructune.data.formats import Message
 from instructune.data.templates import render_prompt, template_adds_special_tokens
 from instructune.errors import UserError
@@ -13,9 +13,13 @@ def load_for_generation(name_or_path: str):
     (bf16 is many times slower than fp32 on CPUs without native bf16)."""
     path = models.resolve_model_path(name_or_path)
     on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if on_gpu else torch.float32
     try:
         tokenizer = models.load_tokenizer(path)
-        model = models.load_model(path, dtype=torch.bfloat16 if on_gpu else torch.float32)
+        if adapters.is_adapter(path):  # a LoRA adapter: its base, in full precision, with the adapter merged in
+            model = adapters.load_merged(path, tokenizer, dtype)
+        else:
+            model = models.load_model(path, dtype=dtype)
     except OSError as e:  # transformers' "not a model folder / not on the hub" errors
         raise UserError(f"{name_or_path}: cannot load the model: {e}".splitlines()[0]) from None
     return model.to("cuda" if on_gpu else "cpu").eval(), tokenizer

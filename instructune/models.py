@@ -1,6 +1,7 @@
 """Model stage: load the tokenizer and the causal LM, and give the tokenizer the special tokens training needs."""
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -53,10 +54,15 @@ def add_missing_special_tokens(tokenizer, pad_token: str) -> int:
     return tokenizer.add_special_tokens(new_tokens) if new_tokens else 0
 
 
-def load_model(path: str, cache_dir: str | None = None, trust_remote_code: bool = False, dtype=torch.float32):
+def load_model(path: str, cache_dir: str | None = None, trust_remote_code: bool = False, dtype=torch.float32,
+               quantization=None):
     # transformers 5 loads in the checkpoint's dtype by default (bf16 for most hub models); full
-    # fine-tuning keeps fp32 master weights and lets --bf16 autocast, as Alpaca did.
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    # fine-tuning keeps fp32 master weights and lets --bf16 autocast, as Alpaca did. A quantised base
+    # (QLoRA) keeps its unquantised layers in the 4-bit layers' compute dtype.
+    if quantization is not None:
+        dtype = getattr(quantization, "bnb_4bit_compute_dtype", None) or dtype
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
+                                                quantization_config=quantization)
 
 
 def resize_embeddings(model, tokenizer, num_new_tokens: int) -> None:
@@ -69,3 +75,11 @@ def resize_embeddings(model, tokenizer, num_new_tokens: int) -> None:
     with torch.no_grad():
         for weight in embeddings:
             weight[-num_new_tokens:] = weight[:-num_new_tokens].mean(dim=0, keepdim=True)
+
+
+def parameter_count(parameter) -> int:
+    """Elements of a parameter as the model uses it: a ZeRO-3 partition holds none locally (ds_numel has them), a
+    4-bit weight packs two to a byte (its quant_state has the shape)."""
+    if getattr(parameter, "quant_state", None) is not None:
+        return math.prod(parameter.quant_state.shape)
+    return getattr(parameter, "ds_numel", None) or parameter.numel()

@@ -7,20 +7,21 @@ before anything is written, so a bad record costs seconds and leaves no half-mad
 import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from transformers import TrainerCallback
 
-from instructune import distributed, models
+from instructune import adapters, distributed, models
 from instructune.checkpoint import resume
 from instructune.config import DataArguments, ModelArguments, TrainingArguments
 from instructune.config import shipped
 from instructune.data import DataStats, DatasetSpec, hold_out, load_mix, parse_datasets
 from instructune.data.batching import Collator, pack
 from instructune.data.cache import encode_cached
-from instructune.errors import DataError
-from instructune.export import loss_history, prepare_output_dir, save_model_folder
+from instructune.errors import ConfigError, DataError
+from instructune.export import MERGED, loss_history, prepare_output_dir, save_model_folder
 from instructune.speed import SpeedMeter
 from instructune.trainer import InstructTrainer, supports_target_logits, target_token_loss
 
@@ -96,12 +97,20 @@ def train(
                                 heldout=len(validation))
     logger.info("data: %s", stats.summary())
 
-    # 3. Model, once the output folder is known to be ours to write.
+    # 3. Model, once the output folder is known to be ours to write: all of it trains, or LoRA adapters on it
+    # (QLoRA: on a 4-bit base).
+    quantization = adapters.quantization_config(model_args, on_gpu=not distributed.on_cpu())
+    if model_args.merge_adapter and not model_args.lora_r:
+        raise ConfigError("--merge_adapter merges a LoRA adapter: train one with --lora_r R")
     prepare_output_dir(training_args, model_path)
     distributed.init_deepspeed_comm(training_args)
-    model = models.load_model(model_path, training_args.cache_dir, model_args.trust_remote_code)
+    model = models.load_model(model_path, training_args.cache_dir, model_args.trust_remote_code,
+                              quantization=quantization)
     if num_new_tokens:
         models.resize_embeddings(model, tokenizer, num_new_tokens)
+    if model_args.lora_r:
+        added = list(range(len(tokenizer) - num_new_tokens, len(tokenizer)))
+        model = adapters.add_lora(model, model_args, added, training_args.gradient_checkpointing)
 
     # 4. Train: padded, padding-free or packed batches; logits and loss at target positions only where the model
     # can (every HF causal LM of transformers 5: `logits_to_keep`); speed measured all along.
@@ -130,8 +139,13 @@ def train(
     if validation:
         trainer.evaluate()
 
-    # 5. Export: a Hugging Face folder and the run summary.
+    # 5. Export: a Hugging Face folder (or an adapter folder, and with --merge_adapter the merged model) and the
+    # run summary.
     save_model_folder(trainer, result.metrics, stats, speed)
+    if model_args.merge_adapter and trainer.is_world_process_zero():
+        merged = Path(training_args.output_dir) / MERGED
+        adapters.merge(model_path, training_args.output_dir, merged, training_args.max_shard_size)
+        logger.info("adapter merged into the base model: %s", merged)
     losses = [e["loss"] for e in loss_history(trainer)]
     heldout = [e["loss"] for e in loss_history(trainer, "eval_loss")]
     if heldout:

@@ -34,8 +34,7 @@ GPU_PEAK_BF16 = {
 
 def matmul_parameters(model) -> int:
     """Parameters that take part in a matmul per token: all but embedding tables, plus a tied LM head."""
-    def count(p):
-        return getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 partitions report 0 elements locally
+    from instructune.models import parameter_count as count
 
     embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     total = sum(count(p) for p in model.parameters() if id(p) not in embeddings)

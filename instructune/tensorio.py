@@ -105,6 +105,9 @@ class TensorFolder:
                 return [inside(self.path, name, index) for name in dict.fromkeys(read_index(index).values())]
             if (self.path / stem).exists():
                 return [inside(self.path, stem, self.path)]
+        if (self.path / "adapter_config.json").exists():
+            raise UserError(f"{self.path}: a LoRA adapter, not a model; merge it into its base first "
+                            "(instructune merge --base BASE --adapter ADAPTER --output FOLDER)")
         raise UserError(f"{self.path}: no model weights (model.safetensors or pytorch_model.bin, single or sharded)")
 
     def _read_header(self, file: Path) -> list[TensorInfo]:

@@ -34,7 +34,8 @@ def target_token_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) ->
 
 
 def supports_target_logits(model) -> bool:
-    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft passes it through
+    return "logits_to_keep" in inspect.signature(type(base).forward).parameters
 
 
 class InstructTrainer(Trainer):
@@ -71,6 +72,8 @@ class InstructTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Trainer._save calls save_pretrained with its default 50GB shards; the size is the user's choice.
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if hasattr(model, "peft_config"):  # an adapter: small, one file, peft's own format
+            return super()._save(output_dir, state_dict=state_dict)
         if state_dict:
             # A gathered (DeepSpeed, FSDP) state dict holds tied weights twice, as separate copies that
             # save_pretrained cannot recognise; store them once, as an ordinary save does.

@@ -22,6 +22,9 @@ def convert_checkpoint(checkpoint: str | Path, destination: str | Path, dtype: s
                        max_shard_size: str = "5GB", trust: bool = False) -> int:
     """Returns the number of tensors written."""
     checkpoint = Path(checkpoint)
+    if (checkpoint / "adapter_config.json").exists():
+        raise UserError(f"{checkpoint}: a LoRA checkpoint; its adapter (adapter_model.safetensors) is already complete: "
+                        "merge it into its base with instructune merge, or resume from it")
     config_source = next((p for p in (checkpoint, checkpoint.parent) if (p / "config.json").exists()), None)
     if config_source is None:
         raise UserError(f"{checkpoint}: no config.json in the checkpoint folder or beside it")

@@ -12,9 +12,11 @@ from instructune.tensorio import ShardWriter, TensorFolder, atomic_folder, copy_
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def write_model_folder(tensors, destination: Path, config_source: Path, max_shard_size: str, dtype: str | None):
+def write_model_folder(tensors, destination: Path, config_source: Path, max_shard_size: str, dtype: str | None,
+                       finish=None):
     """Write `tensors` ([(name, shape, dtype, load)] where load() gives the tensor) as a complete
-    Hugging Face folder: shards, index, and the config and tokenizer files of `config_source`."""
+    Hugging Face folder: shards, index, and the config and tokenizer files of `config_source`;
+    `finish(staging)` may add or change files before the folder appears."""
     target = DTYPES[dtype] if dtype else None
 
     def cast(tensor_dtype):
@@ -32,6 +34,8 @@ def write_model_folder(tensors, destination: Path, config_source: Path, max_shar
             config["dtype"] = str(target).removeprefix("torch.")
             config.pop("torch_dtype", None)
             config_file.write_text(json.dumps(config, indent=2) + "\n")
+        if finish is not None:
+            finish(staging)
 
 
 def reshard(source: str | Path, destination: str | Path, max_shard_size: str = "5GB", dtype: str | None = None) -> int:

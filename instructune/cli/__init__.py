@@ -13,12 +13,14 @@ from typing import Callable
 from instructune import distributed
 from instructune.errors import UserError
 
-COMMANDS = ("train", "demo", "generate", "data", "diff", "convert", "shard")
+COMMANDS = ("train", "demo", "generate", "data", "diff", "convert", "shard", "merge")
 
 
 def setup_logging() -> None:
     logging.basicConfig(format="instructune: %(message)s", level=logging.WARNING)
     logging.getLogger("instructune").setLevel(logging.INFO if distributed.main_process() else logging.WARNING)
+    # bitsandbytes (imported by peft) warns on import that an optional CPU kernel package is absent.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def run(command: Callable[[], int]) -> int:

@@ -29,6 +29,28 @@ class ModelArguments:
         },
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder."})
+    # Adapters (alpaca-lora's and AlpaGasus2-QLoRA's flag names): --lora_r above 0 trains LoRA adapters, not the weights.
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 (the default) fine-tunes every weight instead."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling: the update is lora_alpha / lora_r × B·A."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch's input."})
+    lora_target_modules: str = field(
+        default="[q_proj,v_proj]",
+        metadata={"help": "Modules that get adapters: a list ('[q_proj,v_proj]' or 'q_proj,v_proj') or 'all-linear' "
+                  "(every linear layer but the output layer)."},
+    )
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base weights in 4 bits (bitsandbytes)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base weights in 8 bits (bitsandbytes)."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit data type.", "choices": ["nf4", "fp4"]})
+    bnb_4bit_double_quant: bool = field(default=True, metadata={"help": "Quantise the 4-bit quantisation constants too."})
+    bnb_4bit_compute_dtype: str | None = field(
+        default=None,
+        metadata={"help": "dtype the 4-bit layers compute in (default: bf16 on a GPU, fp32 on the CPU).",
+                  "choices": ["bf16", "fp16", "fp32"]},
+    )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={"help": "Also write the base model with the adapter merged in (full precision) into output_dir/merged."},
+    )
 
 
 @dataclass
