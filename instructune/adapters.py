@@ -61,17 +61,29 @@ def quantization_config(model_args, on_gpu: bool):
                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)
 
 
-def add_lora(model, model_args, new_token_ids: list[int], gradient_checkpointing: bool):
-    """The model wrapped with LoRA adapters (a peft model); only adapters and the added token rows train."""
+def add_lora(model, model_args, new_token_ids: list[int], gradient_checkpointing: bool, seed: int):
+    """The model wrapped with LoRA adapters (a peft model); only adapters and the added token rows train.
+
+    The adapters' random initialisation is drawn from `seed` right here: how much randomness loading the
+    model used differs between strategies (ZeRO-3 builds it partitioned), and the same seed must give
+    the same adapter under every one of them."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from instructune import distributed
 
     if getattr(model, "is_quantized", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if new_token_ids and is_deepspeed_zero3_enabled() and distributed.on_cpu():
+        distributed.peft_trainable_tokens_on_cpu()
     config = LoraConfig(
         r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
         target_modules=target_modules(model_args.lora_target_modules), task_type="CAUSAL_LM",
         trainable_token_indices=new_token_ids or None,
     )
+    set_seed(seed)
     try:
         model = get_peft_model(model, config)
     except ValueError as e:  # e.g. target modules that the model does not have

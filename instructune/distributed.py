@@ -105,6 +105,24 @@ def enable_fsdp_on_cpu(trainer) -> None:
     trainer.is_fsdp_enabled = True
 
 
+def peft_trainable_tokens_on_cpu() -> None:
+    """ZeRO-3 on the CPU: let peft's trainable token rows (a pad token added under LoRA) be read from the
+    partitioned embedding.
+
+    peft gathers the embedding and broadcasts the rows from a buffer it builds on CUDA ("only CUDA is
+    implemented"), which fails without a GPU. Inside the gather every rank holds the whole table, so
+    each can take the rows itself. Can go when peft builds that buffer on the process group's device.
+    """
+    import deepspeed
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    def rows_of_gathered_weight(self, weight, rows, embed_dim):
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+            return weight[rows].clone()
+
+    TrainableTokensLayer._collect_token_weights = rows_of_gathered_weight
+
+
 def is_initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 

@@ -110,7 +110,7 @@ def train(
         models.resize_embeddings(model, tokenizer, num_new_tokens)
     if model_args.lora_r:
         added = list(range(len(tokenizer) - num_new_tokens, len(tokenizer)))
-        model = adapters.add_lora(model, model_args, added, training_args.gradient_checkpointing)
+        model = adapters.add_lora(model, model_args, added, training_args.gradient_checkpointing, training_args.seed)
 
     # 4. Train: padded, padding-free or packed batches; logits and loss at target positions only where the model
     # can (every HF causal LM of transformers 5: `logits_to_keep`); speed measured all along.
