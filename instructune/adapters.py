@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from instructune import distributed, models
 from instructune.errors import ConfigError, UserError
 
 logger = logging.getLogger("instructune")
@@ -69,10 +70,7 @@ def add_lora(model, model_args, new_token_ids: list[int], gradient_checkpointing
     the same adapter under every one of them."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
-
     from transformers.integrations import is_deepspeed_zero3_enabled
-
-    from instructune import distributed
 
     if getattr(model, "is_quantized", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
@@ -88,10 +86,8 @@ def add_lora(model, model_args, new_token_ids: list[int], gradient_checkpointing
         model = get_peft_model(model, config)
     except ValueError as e:  # e.g. target modules that the model does not have
         raise ConfigError(f"--lora_target_modules: {str(e).splitlines()[0]}") from None
-    from instructune.models import parameter_count
-
-    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
-    total = sum(parameter_count(p) for p in model.parameters())
+    trainable = sum(models.parameter_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(models.parameter_count(p) for p in model.parameters())
     logger.info("LoRA r=%d on %s: %s of %s parameters train (%.2f%%)", model_args.lora_r, model_args.lora_target_modules,
                 f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
@@ -100,8 +96,6 @@ def add_lora(model, model_args, new_token_ids: list[int], gradient_checkpointing
 def load_merged(adapter: str | Path, tokenizer, dtype=torch.float32):
     """The adapter's base model (unquantised, resized to the adapter's tokenizer) with the adapter merged in."""
     from peft import PeftModel
-
-    from instructune import models
 
     base = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
     model = models.load_model(models.resolve_model_path(base), dtype=dtype)
@@ -131,6 +125,9 @@ def merge(base: str | Path, adapter: str | Path, output: str | Path, max_shard_s
     with safe_open(adapter / ADAPTER_WEIGHTS, framework="pt") as f:
         lora = {name.removeprefix(PREFIX): f.get_tensor(name) for name in f.keys()}
     token_rows = _token_rows(config, lora)
+    adapted = {f"{k.removesuffix('.lora_A.weight')}.weight" for k in lora if k.endswith(".lora_A.weight")}
+    if missing := sorted((adapted | set(token_rows)) - set(reader.names())):  # a base of another shape: write nothing
+        raise UserError(f"{adapter}: adapts weights that {base} does not have: {', '.join(missing[:3])}")
     vocabulary = _tokenizer_length(adapter)
     merged = set()
 
@@ -169,9 +166,6 @@ def merge(base: str | Path, adapter: str | Path, output: str | Path, max_shard_s
             (staging / "config.json").write_text(json.dumps(staged | {"vocab_size": vocabulary}, indent=2) + "\n")
 
     write_model_folder(tensors, Path(output), reader.path, max_shard_size, dtype, finish=finish)
-    missing = {f"{k.removesuffix('.lora_A.weight')}.weight" for k in lora if k.endswith(".lora_A.weight")} - merged
-    if missing:
-        raise UserError(f"{adapter}: adapted weights not found in {base}: {', '.join(sorted(missing)[:3])}")
     return len(merged)
 
 

@@ -134,8 +134,11 @@ def test_an_adapter_resumes_to_the_uninterrupted_result(tiny_llama, tmp_path):
     assert max((whole[k] - resumed[k]).abs().max().item() for k in whole) < 1e-6
 
 
-def test_what_takes_no_adapter_says_so(tiny_llama, tmp_path):
+def test_what_takes_no_adapter_says_so(tiny_llama, tiny_opt, tmp_path):
     lora_run(tiny_llama, tmp_path / "out", steps=2)
+    result = run_command([PYTHON, "-m", "instructune.cli", "merge", "--base", str(tiny_opt), "--adapter",
+                          str(tmp_path / "out"), "--output", str(tmp_path / "wrong")])  # another model's base
+    assert result.returncode == 2 and "does not have" in result.stderr and not (tmp_path / "wrong").exists()
     for command in (["shard", str(tmp_path / "out"), str(tmp_path / "x")],
                     ["diff", "make", "--path_raw", str(tiny_llama), "--path_tuned", str(tmp_path / "out"),
                      "--path_diff", str(tmp_path / "d")]):
