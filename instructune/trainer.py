@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from transformers import Trainer
 
 from instructune import distributed
@@ -169,7 +170,7 @@ def mask_needed_to_keep_examples_apart(model, collator, device) -> bool:
                     return with_mask
     finally:
         model.train(was_training)
-    attention = getattr(unwrap(model).config, "_attn_implementation", "?")
+    attention = getattr(extract_model_from_parallel(model).config, "_attn_implementation", "?")
     raise UserError(f"{_model_name(model)} with attn_implementation={attention} lets examples in one flattened row attend "
                     f"to each other (an example's logits moved by {moved[False]:.2g} when another changed, "
                     f"{moved[True]:.2g} with a block-diagonal mask), so --padding_free/--packing cannot train it "
@@ -181,19 +182,12 @@ def causal_mask_from_positions(model, position_ids: torch.Tensor):
     implementation takes (a 4-D mask, which the model then uses as it is)."""
     from transformers.masking_utils import create_causal_mask
 
-    unwrapped = unwrap(model)
+    unwrapped = extract_model_from_parallel(model)
     dtype = unwrapped.get_input_embeddings().weight.dtype
     shape_only = torch.empty(*position_ids.shape, 1, dtype=dtype, device=position_ids.device)  # batch, length, dtype
     return create_causal_mask(config=unwrapped.config.get_text_config(), inputs_embeds=shape_only, attention_mask=None,
                               cache=None, position_ids=position_ids)
 
 
-def unwrap(model):
-    """The Hugging Face model inside a DDP or DeepSpeed wrapper (FSDP2 wraps in place)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def _model_name(model) -> str:
-    return type(unwrap(model)).__name__
+    return type(extract_model_from_parallel(model)).__name__
