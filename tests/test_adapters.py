@@ -89,10 +89,9 @@ def test_lora_trains_only_adapters_reloads_and_merges_to_the_same_logits(model_f
     assert result.returncode == 0, result.stderr[-2000:]
     later = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-later", dtype=torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), later.state_dict().values()))
-    from instructune.generate import load_for_generation
+    from instructune.inference.engine import load
 
-    generator, _ = load_for_generation(str(output_dir))
-    torch.testing.assert_close(logits_of(generator, tokenizer), snapshot.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits_of(load(str(output_dir)).model, tokenizer), snapshot.logits, rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

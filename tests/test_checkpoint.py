@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from instructune.checkpoint.shard import reshard
 from instructune.errors import UserError
-from instructune.generate import answer
+from instructune.inference.engine import Sampling, answer, wrap
 from instructune.tensorio import TensorFolder
 
 from conftest import PYTHON, REPO, assert_same_tensors, run_command
@@ -73,7 +73,8 @@ def check_zero_checkpoint_converts(checkpoint, trained_dir, destination, tied: b
         assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
     # the converted folder answers as the trained model does (its tokenizer and config came along)
     tokenizer, trained_tokenizer = AutoTokenizer.from_pretrained(destination), AutoTokenizer.from_pretrained(trained_dir)
-    assert answer(loaded, tokenizer, "Say hi.", max_new_tokens=6) == answer(trained, trained_tokenizer, "Say hi.", max_new_tokens=6)
+    six = Sampling(max_new_tokens=6)
+    assert answer(wrap(loaded, tokenizer), "Say hi.", sampling=six) == answer(wrap(trained, trained_tokenizer), "Say hi.", sampling=six)
     assert len(tokenizer) == len(trained_tokenizer) == loaded.get_input_embeddings().weight.shape[0]
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from instructune.generate import answer, load_for_generation
+from instructune.inference.engine import Sampling, answer, load
 
 from conftest import PYTHON, REPO, SHARED_DATA, run_command
 
@@ -46,8 +46,9 @@ def test_fine_tune_smollm2_on_real_alpaca_records(smollm2, tmp_path):
                          "--instruction", question, "--max_new_tokens", "16"])
     assert reply.returncode == 0, reply.stderr[-2000:]
     # the command answers with the fine-tuned weights (not the base model's), through Alpaca's template
-    tuned, base = load_for_generation(str(output_dir)), load_for_generation(str(smollm2))
-    assert reply.stdout.strip() == answer(*tuned, question, max_new_tokens=16) != answer(*base, question, max_new_tokens=16)
+    sixteen = Sampling(max_new_tokens=16)
+    tuned, base = answer(load(str(output_dir)), question, sampling=sixteen), answer(load(str(smollm2)), question, sampling=sixteen)
+    assert reply.stdout.strip() == tuned != base
 
 
 def test_demo_command(tmp_path):

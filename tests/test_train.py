@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from instructune.cli import main, run, train
-from instructune.generate import answer
+from instructune.inference.engine import Sampling, answer, wrap
 
 from conftest import SAMPLE_DATA, assert_same_tensors, training_loss
 from helpers.probe import ProbeTraining, read_probes
@@ -53,7 +53,8 @@ def check_model_folder(output_dir: Path, base: Path, world_size: int = 1, loss_d
     base_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the pad token training added
     assert training_loss(model, tokenizer) < training_loss(base_model, tokenizer) - loss_drop
     question = "Give three tips for staying healthy."
-    assert answer(model, tokenizer, question, max_new_tokens=8) != answer(base_model, tokenizer, question, max_new_tokens=8)
+    eight = Sampling(max_new_tokens=8)
+    assert answer(wrap(model, tokenizer), question, sampling=eight) != answer(wrap(base_model, tokenizer), question, sampling=eight)
     return summary
 
 

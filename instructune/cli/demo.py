@@ -16,18 +16,18 @@ DEMO_QUESTIONS = [
 def main(argv: list[str]) -> int:
     from instructune import recipe
     from instructune.config import parse_train_args
-    from instructune.generate import answer, load_for_generation
+    from instructune.inference.engine import Sampling, answer, load
 
     if "--config" not in argv:
         argv = ["--config", DEMO_CONFIG, *argv]
     model_args, data_args, training_args = parse_train_args(argv)
 
     def show(title: str, model_path: str) -> None:
-        model, tokenizer = load_for_generation(model_path)
+        engine = load(model_path, template=data_args.prompt_template)
         print(f"\n=== {title} ({model_path})")
         for instruction, input in DEMO_QUESTIONS:
             question = f"{instruction} {input}".strip()
-            reply = answer(model, tokenizer, instruction, input, data_args.prompt_template, max_new_tokens=48)
+            reply = answer(engine, instruction, input, sampling=Sampling(max_new_tokens=48))
             print(f"Q: {question}\nA: {reply}\n")
 
     show("before fine-tuning", model_args.model_name_or_path)

@@ -64,9 +64,9 @@ def main(argv: list[str]) -> int:
     report = diff.recover(args.path_raw, args.path_diff, path_tuned, args.device, expected)
     print(f"{'recovered into ' + path_tuned if path_tuned else 'checked'}: {report.summary()}")
     if getattr(args, "test_inference", False) and path_tuned:
-        from instructune.generate import answer, load_for_generation
+        from instructune.inference.engine import answer, load
 
-        model, tokenizer = load_for_generation(path_tuned)
+        engine = load(path_tuned)
         instruction = "List three technologies that make life easier."
-        print(f"Q: {instruction}\nA: {answer(model, tokenizer, instruction)}")
+        print(f"Q: {instruction}\nA: {answer(engine, instruction)}")
     return 0

@@ -1,0 +1,335 @@
+"""`instructune serve`'s HTTP app: OpenAI's /v1/models, /v1/chat/completions and /v1/completions over one engine,
+and a chat page at /.
+
+- Streams are framed as OpenAI frames them: `data: {chunk}` events (chat: `chat.completion.chunk` deltas, the role
+  first, then content, then the finish reason; `stream_options.include_usage` adds a usage chunk), then `data: [DONE]`.
+- /v1/completions takes text or token-id prompts (one or a list: one choice each) with `echo` and `logprobs`, so that
+  lm-eval's `local-completions` log-likelihood tasks run through it.
+- One thread owns the model. Requests wait in one first-come-first-served queue; whatever waits when the model
+  frees up (up to max_batch_size, gathered for batch_wait_ms) is generated together. A request that arrives while a
+  batch runs waits for it to end (static batching: simple, and on the CPU faster than transformers' continuous
+  batching; for heavy production traffic, vLLM serves the same folders).
+- Every bad request gets a 4xx with OpenAI's error body ({"error": {message, type, param, code}}), and the server
+  keeps serving: bodies are parsed here, not by FastAPI, so that malformed JSON is a 400 like any other mistake.
+- Chat messages may carry Alpaca's `input` beside `content` (an extension the page uses): a model trained with
+  Alpaca's template gets exactly its two-field prompt.
+"""
+
+import asyncio
+import copy
+import dataclasses
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from instructune.data.formats import Message
+from instructune.errors import UserError
+from instructune.inference.engine import Completion, Engine, Request, Sampling
+
+logger = logging.getLogger("instructune")
+PAGE = Path(__file__).with_name("static") / "index.html"
+
+
+@dataclasses.dataclass
+class Limits:
+    max_batch_size: int = 16
+    max_tokens: int = 1024  # the most one request may ask for
+    max_request_bytes: int = 1_000_000
+    max_queue: int = 256  # requests waiting or running; beyond it a 429 asks the client to retry
+    batch_wait_ms: float = 20  # how long a request that finds the model idle waits for others to join its batch
+    api_key: str | None = None
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# ---- request bodies (fields OpenAI defines that we do not use are accepted and ignored)
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's defaults
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # an extension, as in vLLM
+    n: int = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[ContentPart]
+    input: str = ""  # Alpaca's second field (an extension)
+
+    def message(self) -> Message:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return Message("system" if self.role == "developer" else self.role, text, self.input)
+
+
+class ChatBody(Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+
+
+class CompletionBody(Body):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+
+# ---- the model's thread
+
+@dataclasses.dataclass
+class Job:
+    request: Request
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue  # text pieces, then a Completion (or an exception)
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+class Batcher:
+    """The one thread that runs the model: takes every job waiting (up to max_batch_size), in arrival order."""
+
+    def __init__(self, engine: Engine, limits: Limits):
+        self.engine, self.limits = engine, limits
+        self.waiting: queue.Queue[Job] = queue.Queue()
+        self.active = 0  # jobs submitted and not finished
+        self.lock = threading.Lock()
+        threading.Thread(target=self._run, name="instructune-model", daemon=True).start()
+
+    def submit(self, request: Request) -> Job:
+        with self.lock:
+            if self.active >= self.limits.max_queue:
+                raise APIError(429, f"the server has {self.active} requests in hand; retry shortly",
+                               type="rate_limit_error")
+            self.active += 1
+        job = Job(request, asyncio.get_running_loop(), asyncio.Queue())
+        request.on_text = job.put
+        self.waiting.put(job)
+        return job
+
+    def _run(self) -> None:
+        while True:
+            jobs = [self.waiting.get()]
+            gather_until = time.monotonic() + self.limits.batch_wait_ms / 1000  # clients that arrive together go together
+            while len(jobs) < self.limits.max_batch_size:
+                try:
+                    jobs.append(self.waiting.get(timeout=max(0.0, gather_until - time.monotonic())))
+                except queue.Empty:
+                    break
+            live = [job for job in jobs if not job.request.cancelled]
+            try:
+                outcomes = self.engine.generate([job.request for job in live]) if live else []
+            except Exception as e:  # a failure fails this batch's requests, never the server
+                logger.exception("generation failed")
+                outcomes = [e] * len(live)
+            for job, outcome in zip(live, outcomes):
+                job.put(outcome)
+            with self.lock:
+                self.active -= len(jobs)
+
+
+async def run_job(job: Job):
+    """The job's text pieces as they come, then its Completion."""
+    while True:
+        item = await job.events.get()
+        if isinstance(item, Exception):
+            raise APIError(500, f"generation failed: {item}", type="server_error")
+        yield item
+        if isinstance(item, Completion):
+            return
+
+
+# ---- the app
+
+def create_app(engine: Engine, limits: Limits) -> FastAPI:
+    app = FastAPI(title="instructune", docs_url=None, redoc_url=None, openapi_url=None)
+    batcher = Batcher(engine, limits)
+    prompts = dataclasses.replace(engine, tokenizer=copy.deepcopy(engine.tokenizer))  # the model's thread has its own
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(request, error: APIError):
+        headers = {"Retry-After": "1"} if error.status == 429 else None
+        return JSONResponse(error.body, status_code=error.status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, error: Exception):
+        logger.exception("request failed")
+        return JSONResponse(APIError(500, f"internal error: {error}", type="server_error").body, status_code=500)
+
+    @app.middleware("http")
+    async def authorize(request: HTTPRequest, call_next):
+        if limits.api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization", "") != f"Bearer {limits.api_key}":
+                error = APIError(401, "a valid API key is required: 'Authorization: Bearer KEY'",
+                                 type="authentication_error", code="invalid_api_key")
+                return JSONResponse(error.body, status_code=401)
+        return await call_next(request)
+
+    async def read(request: HTTPRequest, schema: type[Body]) -> Body:
+        raw = await request.body()
+        if len(raw) > limits.max_request_bytes:
+            raise APIError(413, f"the request is {len(raw)} bytes; this server takes at most {limits.max_request_bytes}")
+        try:
+            body = schema.model_validate_json(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            if first["type"] == "json_invalid":
+                raise APIError(400, f"the body is not valid JSON: {first['msg']}") from None
+            where = ".".join(str(p) for p in first["loc"])
+            raise APIError(400, f"{where}: {first['msg']}", param=where) from None
+        if body.model != engine.name:
+            raise APIError(404, f"the model '{body.model}' does not exist; this server has '{engine.name}'",
+                           param="model", code="model_not_found")
+        if body.n != 1:
+            raise APIError(400, "only n=1 is supported", param="n")
+        return body
+
+    def sampling(body: Body, max_tokens: int | None, default: int) -> Sampling:
+        max_tokens = default if max_tokens is None else max_tokens
+        if max_tokens > limits.max_tokens:
+            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}",
+                           param="max_tokens")
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        return Sampling(max_tokens, body.temperature, body.top_p, body.top_k, body.seed, tuple(stop))
+
+    def checked(prompt_ids: list[int]) -> list[int]:
+        try:
+            prompts.check_fits(prompt_ids)
+        except UserError as e:
+            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+        return prompt_ids
+
+    def usage(completions: list[Completion]) -> dict:
+        prompt, answer = sum(c.prompt_tokens for c in completions), sum(len(c.token_ids) for c in completions)
+        return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}
+
+    @app.get("/")
+    async def page():
+        return FileResponse(PAGE, media_type="text/html")
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": created,
+                                            "owned_by": "instructune"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: HTTPRequest):
+        body = await read(request, ChatBody)
+        if body.logprobs:
+            raise APIError(400, "logprobs are served by /v1/completions", param="logprobs")
+        try:
+            prompt_ids = prompts.prompt_ids([m.message() for m in body.messages])
+        except UserError as e:
+            raise APIError(400, str(e), param="messages") from None
+        job = batcher.submit(Request(checked(prompt_ids), sampling(body, body.max_completion_tokens or body.max_tokens, 256)))
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.name}
+        if not body.stream:
+            completion = [item async for item in run_job(job)][-1]
+            return {**head, "object": "chat.completion", "usage": usage([completion]), "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": completion.text},
+                "finish_reason": completion.finish_reason, "logprobs": None}]}
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            return sse({**head, "object": "chat.completion.chunk",
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+
+        async def events():
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                async for item in run_job(job):
+                    if isinstance(item, str):
+                        yield chunk({"content": item})
+                yield chunk({}, item.finish_reason)
+                if (body.stream_options or {}).get("include_usage"):
+                    yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage([item])})
+                yield "data: [DONE]\n\n"
+            finally:
+                job.request.cancelled = True  # a client that went away stops its row at the next token
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def complete(request: HTTPRequest):
+        body = await read(request, CompletionBody)
+        if body.stream and (body.echo or body.logprobs is not None):
+            raise APIError(400, "echo and logprobs are not streamed; ask without stream", param="stream")
+        given = body.prompt
+        if isinstance(given, str) or (given and isinstance(given[0], int)):
+            given = [given]
+        if not given:
+            raise APIError(400, "prompt is empty", param="prompt")
+        prompt_ids = [checked(p if isinstance(p, list) else prompts.text_ids(p)) for p in given]
+        plan = sampling(body, body.max_tokens, 16)
+        jobs = [batcher.submit(Request(ids, dataclasses.replace(plan), logprobs=body.logprobs)) for ids in prompt_ids]
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": engine.name}
+        if body.stream:
+            async def events():
+                try:
+                    for index, job in enumerate(jobs):  # generated together; streamed one after the other
+                        async for item in run_job(job):
+                            text, finish = (item, None) if isinstance(item, str) else ("", item.finish_reason)
+                            yield sse({**head, "choices": [{"index": index, "text": text, "logprobs": None,
+                                                            "finish_reason": finish}]})
+                    yield "data: [DONE]\n\n"
+                finally:
+                    for job in jobs:
+                        job.request.cancelled = True
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        completions = [[item async for item in run_job(job)][-1] for job in jobs]
+        choices = []
+        for index, (ids, completion) in enumerate(zip(prompt_ids, completions)):
+            text = completion.text
+            logprobs = None
+            if body.logprobs is not None:
+                scored = completion.logprobs if body.echo else completion.logprobs[len(ids):]
+                logprobs = logprobs_body(scored)
+            if body.echo:
+                text = prompts.tokenizer.decode(ids) + text
+            choices.append({"index": index, "text": text, "logprobs": logprobs,
+                            "finish_reason": completion.finish_reason})
+        return {**head, "choices": choices, "usage": usage(completions)}
+
+    return app
+
+
+def logprobs_body(scored) -> dict:
+    """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs and text_offset."""
+    offsets, position = [], 0
+    for entry in scored:
+        offsets.append(position)
+        position += len(entry.token)
+    return {"tokens": [e.token for e in scored], "token_logprobs": [e.logprob for e in scored],
+            "top_logprobs": [e.top for e in scored], "text_offset": offsets}
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
