@@ -86,6 +86,7 @@ def save_model_folder(trainer, metrics: dict, data_stats: DataStats, speed: dict
         "speed": speed,
         "losses": losses,
         "heldout_losses": loss_history(trainer, "eval_loss"),
+        "lm_eval": [e for e in trainer.state.log_history if any(k.startswith("lm_eval/") for k in e)],
     }
     (output_dir / "train_results.json").write_text(json.dumps(summary, indent=2) + "\n")
     if losses:

@@ -21,6 +21,7 @@ from instructune.data import DataStats, DatasetSpec, hold_out, load_mix, parse_d
 from instructune.data.batching import Collator, pack
 from instructune.data.cache import encode_cached
 from instructune.errors import ConfigError, DataError
+from instructune.eval.harness import LmEvalCallback
 from instructune.export import MERGED, loss_history, prepare_output_dir, save_model_folder
 from instructune.speed import SpeedMeter
 from instructune.trainer import InstructTrainer, supports_target_logits, target_token_loss
@@ -52,6 +53,17 @@ def resume_point(args: TrainingArguments) -> str | None:
     if distributed.is_initialized():
         torch.distributed.broadcast_object_list(chosen, src=0)
     return chosen[0]
+
+
+def lm_eval_callback(args: TrainingArguments) -> LmEvalCallback:
+    """--eval_tasks: the main process evaluates the whole model, which ZeRO-3 and FSDP never hold in one process."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled() or args.fsdp:
+        raise ConfigError("--eval_tasks runs on the main process's copy of the model: use DDP or ZeRO-1/2, or evaluate "
+                          "the saved model with `instructune eval` (ZeRO-3 and FSDP split the model across processes)")
+    return LmEvalCallback([t.strip() for t in args.eval_tasks.split(",") if t.strip()], args.eval_tasks_steps,
+                          args.eval_tasks_num_fewshot, args.eval_tasks_limit, args.eval_tasks_include_path)
 
 
 def train(
@@ -111,6 +123,9 @@ def train(
     if model_args.lora_r:
         added = list(range(len(tokenizer) - num_new_tokens, len(tokenizer)))
         model = adapters.add_lora(model, model_args, added, training_args.gradient_checkpointing, training_args.seed)
+
+    if training_args.eval_tasks:
+        callbacks = [*(callbacks or []), lm_eval_callback(training_args)]
 
     # 4. Train: padded, padding-free or packed batches; logits and loss at target positions only where the model
     # can (every HF causal LM of transformers 5: `logits_to_keep`); speed measured all along.

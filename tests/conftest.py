@@ -121,3 +121,32 @@ def training_loss(model, tokenizer, count: int = 16) -> float:
     with torch.no_grad():
         losses = [model(**{k: torch.tensor([v]) for k, v in e.items()}).loss for e in examples]
     return float(torch.stack(losses).mean())
+
+
+# A multiple-choice lm-eval task over a local JSONL (the hub is unreachable): eval's and serve's tests.
+MC_QUESTIONS = [("What colour is the sky?", ["blue", "green", "red"], 0), ("How many legs has a dog?", ["two", "four", "six"], 1),
+                ("Name the capital of France.", ["Berlin", "Madrid", "Paris"], 2), ("Which animal says moo?", ["cow", "cat", "duck"], 0),
+                ("What is frozen water?", ["steam", "ice", "sand"], 1), ("Which is a fruit?", ["carrot", "potato", "apple"], 2),
+                ("Give an even number.", ["three", "five", "eight"], 2), ("What do bees make?", ["honey", "milk", "silk"], 0)]
+MC_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def write_mc_task(folder: Path, name: str) -> Path:
+    """folder/NAME.yaml over folder/NAME.jsonl (MC_QUESTIONS); returns the folder, lm-eval's include path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("\n".join(json.dumps({"question": q, "choices": c, "answer": a}) for q, c, a in MC_QUESTIONS))
+    (folder / f"{name}.yaml").write_text(MC_YAML.format(name=name, data=data))
+    return folder

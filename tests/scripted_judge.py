@@ -2,7 +2,8 @@
 rating scripts it, with markers in the record's text:
     [score=4.5]      reply "4.5" and a reason          [say=TEXT]   reply TEXT verbatim (parsing tests)
     [fail=429x2]     the first 2 requests get HTTP 429  [slow=2]     the first request waits 2 s
-It counts requests per record and the most requests in flight at once."""
+and, asked to compare two answers (the pairwise judge's prompt), scores each answer by its [q=N] marker, or favours
+the first position for a question marked [bias=first]. It counts requests per record and the most requests in flight at once."""
 
 import json
 import re
@@ -34,7 +35,8 @@ class ScriptedJudge:
     def handle(self, request: BaseHTTPRequestHandler) -> None:
         body = json.loads(request.rfile.read(int(request.headers["Content-Length"])))
         text = body["messages"][-1]["content"]
-        record = re.search(r"### Instruction:\n(.*)", text).group(1)
+        found = re.search(r"### Instruction:\n(.*)|\[Question\]\n(.*)", text)
+        record = found.group(1) or found.group(2)
         with self.lock:
             self.requests[record] += 1
             count = self.requests[record]
@@ -57,10 +59,25 @@ class ScriptedJudge:
             time.sleep(float(slow.group(1)))
         said = re.search(r"\[say=(.*?)\]", record)
         score = re.search(r"\[score=([\d.]+)\]", record)
-        reply = said.group(1).replace("\\n", "\n") if said else f"{score.group(1)}\nScripted reason."
+        if said:
+            reply = said.group(1).replace("\\n", "\n")
+        elif "[The Start of Assistant 1's Answer]" in body["messages"][-1]["content"]:
+            reply = self.pairwise(record, body["messages"][-1]["content"])
+        else:
+            reply = f"{score.group(1)}\nScripted reason."
         return 200, {"id": "x", "object": "chat.completion", "model": body["model"],
                      "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
                                   "finish_reason": "stop"}]}, None
+
+    @staticmethod
+    def pairwise(question: str, text: str) -> str:
+        """Scores "s1 s2" for two answers: each answer's [q=N] (5 without one), or 9 and 3 whatever the answers for a
+        question marked [bias=first] (a judge that favours the first position)."""
+        if "[bias=first]" in question:
+            return "9 3\nThe first answer is better."
+        answers = re.findall(r"Assistant \d's Answer\]\n(.*?)\n\n\[The End", text, re.S)
+        scores = [m.group(1) if (m := re.search(r"\[q=(\d+)\]", a)) else "5" for a in answers]
+        return f"{scores[0]} {scores[1]}\nScripted pairwise reason."
 
     @staticmethod
     def send(request, status: int, payload: dict, retry_after: str | None = None) -> None:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, run_command
+from conftest import PYTHON, REPO, run_command, write_mc_task
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-123"
@@ -182,35 +182,11 @@ def test_echo_and_logprobs_are_the_models_own(server, smollm2):
         assert max(logprobs["top_logprobs"][-1].values()) == pytest.approx(logprobs["token_logprobs"][-1], abs=1e-6)
 
 
-MC_TASK = """task: serve_tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-"""
-MC_QUESTIONS = [("What colour is the sky on a clear day?", ["blue", "green", "red"], 0),
-                ("How many legs does a dog have?", ["two", "four", "six"], 1),
-                ("What is the capital of France?", ["Berlin", "Madrid", "Paris"], 2),
-                ("Which animal says moo?", ["cow", "cat", "duck"], 0),
-                ("What is frozen water called?", ["steam", "ice", "sand"], 1),
-                ("Which is a fruit?", ["carrot", "potato", "apple"], 2)]
-
-
 def test_lm_eval_local_completions_through_the_server_equals_lm_eval_on_the_model(server, smollm2, tmp_path, monkeypatch):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    data = tmp_path / "mc.jsonl"
-    data.write_text("\n".join(json.dumps({"question": q, "choices": c, "answer": a}) for q, c, a in MC_QUESTIONS))
-    (tmp_path / "task.yaml").write_text(MC_TASK.format(data=data))
-    tasks = TaskManager(include_path=str(tmp_path))
+    tasks = TaskManager(include_path=str(write_mc_task(tmp_path, "serve_tiny_mc")))
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     through_server = simple_evaluate(
         model="local-completions", tasks=["serve_tiny_mc"], task_manager=tasks,

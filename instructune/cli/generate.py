@@ -2,8 +2,6 @@
 one (streamed to the terminal), interactively, or a whole file of them in batches (JSONL in, JSONL out)."""
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -49,7 +47,7 @@ def main(argv: list[str]) -> int:
 
     from instructune.data.prompts import read_prompts
     from instructune.errors import UserError
-    from instructune.inference.engine import answer, load
+    from instructune.inference.engine import answer, answer_file, load
 
     prompts = read_prompts(args.input_file) if args.input_file else None  # bad input fails before the model loads
     engine = load(args.model_name_or_path, args.adapter, args.prompt_template)
@@ -83,26 +81,3 @@ class Printer:
             piece = piece.lstrip()
             self.started = bool(piece)
         print(piece, end="", flush=True)
-
-
-def answer_file(engine, prompts, sampling, batch_size: int, output: Path) -> None:
-    from tqdm.auto import tqdm
-
-    from instructune.data.formats import Message
-    from instructune.inference.engine import Request
-
-    partial = output.with_name(output.name + ".partial")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(partial, "w", encoding="utf-8") as f, tqdm(total=len(prompts), desc="answering", unit="prompt") as bar:
-            for start in range(0, len(prompts), batch_size):
-                batch = prompts[start:start + batch_size]
-                requests = [Request(engine.prompt_ids([Message("user", p.instruction, p.input)]), sampling) for p in batch]
-                for prompt, completion in zip(batch, engine.generate(requests)):
-                    f.write(json.dumps({"instruction": prompt.instruction, "input": prompt.input,
-                                        "output": completion.text.strip(), "generator": engine.name}) + "\n")
-                bar.update(len(batch))
-        os.replace(partial, output)
-    finally:
-        partial.unlink(missing_ok=True)
-    print(f"{len(prompts)} answers written to {output}", file=sys.stderr)

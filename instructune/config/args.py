@@ -143,3 +143,14 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     # A fine-tune updates every parameter, so DDP's unused-parameter search only costs time and warnings.
     ddp_find_unused_parameters: bool | None = field(default=False)
+    eval_tasks: str | None = field(
+        default=None,
+        metadata={"help": "lm-eval tasks to run during training, comma-separated (e.g. arc_easy,hellaswag); logged as "
+                  "lm_eval/<task>/<metric> and kept in train_results.json. DDP and ZeRO-1/2 only."},
+    )
+    eval_tasks_steps: int = field(default=0, metadata={"help": "Run --eval_tasks every this many steps (0: after the "
+                                                                "last step only)."})
+    eval_tasks_num_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples (default: each task's)."})
+    eval_tasks_limit: float | None = field(default=None, metadata={"help": "At most this many examples per task (or a "
+                                                                          "fraction, below 1)."})
+    eval_tasks_include_path: str | None = field(default=None, metadata={"help": "A folder of task YAMLs of your own."})

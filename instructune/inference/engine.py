@@ -10,6 +10,7 @@ rows in a stopping criterion. (transformers' continuous batching was measured at
 
 import json
 import logging
+import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,6 +298,35 @@ def saved_template(path: str) -> str:
                 logger.info("prompt template %s, as the model was trained (%s)", template, summary)
                 return template
     return "alpaca"
+
+
+def answer_all(engine: Engine, prompts: list, sampling: Sampling, batch_size: int = 8, desc: str = "answering"):
+    """(prompt, answer) for prompts with `instruction` and `input` (data.prompts.Prompt), in batches, in order, with a
+    progress bar."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            requests = [Request(engine.prompt_ids([Message("user", p.instruction, p.input)]), sampling) for p in batch]
+            for prompt, completion in zip(batch, engine.generate(requests)):
+                yield prompt, completion.text.strip()
+            bar.update(len(batch))
+
+
+def answer_file(engine: Engine, prompts: list, sampling: Sampling, batch_size: int, output: Path) -> None:
+    """Answers as {instruction, input, output, generator} lines (what the judge reads), written whole or not at all."""
+    partial = output.with_name(output.name + ".partial")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            for prompt, text in answer_all(engine, prompts, sampling, batch_size):
+                f.write(json.dumps({"instruction": prompt.instruction, "input": prompt.input, "output": text,
+                                    "generator": engine.name}) + "\n")
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
+    logger.info("%d answers written to %s", len(prompts), output)
 
 
 def answer(engine: Engine, instruction: str, input: str = "", sampling: Sampling | None = None,

@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval tasks (harness.py) and pairwise judging of two models' answers (pairwise.py)."""
