@@ -12,8 +12,8 @@ setup(
     packages=find_packages(include=["instructune", "instructune.*"]),
     # The top-level ds_configs/, configs/ and alpaca_data.json, linked from instructune/resources/: the
     # wheel holds copies, so --strategy, the demo and the default data work outside a checkout.
-    package_data={"instructune": ["resources/*.json", "resources/configs/*.yaml", "resources/ds_configs/*.json",
-                                  "serve/static/*.html"]},
+    package_data={"instructune": ["resources/*.json", "resources/configs/*.yaml", "resources/configs/models/*.json",
+                                  "resources/ds_configs/*.json", "serve/static/*.html"]},
     # torch is pinned by the user's setup (CUDA or CPU build), never chosen by pip here: a range,
     # not a pin, so an installed torch satisfies it and pip downloads nothing.
     install_requires=[

@@ -14,6 +14,8 @@ SHIPPED = [
     "instructune/resources/alpaca_data.json",
     *(f"instructune/resources/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")),
     *(f"instructune/resources/ds_configs/{p.name}" for p in (REPO / "ds_configs").glob("*.json")),
+    *(f"instructune/resources/configs/models/{p.name}" for p in (REPO / "configs" / "models").glob("*.json")),
+    "instructune/serve/static/index.html",
 ]
 
 # What the demo and `--strategy zero3` look up, asked of the installed package from a foreign directory.
@@ -59,3 +61,6 @@ def test_wheel_ships_the_configs_and_works_outside_the_checkout(tmp_path):
     helped = subprocess.run([str(site / "bin" / "instructune"), "train", "--help"], capture_output=True, text=True,
                             cwd=elsewhere, env=env)
     assert helped.returncode == 0 and "--data_path" in helped.stdout and "--strategy NAME" in helped.stdout, helped.stderr
+    planned = subprocess.run([str(site / "bin" / "instructune"), "plan", "--model", "llama-2-7b", "--json"],
+                             capture_output=True, text=True, cwd=elsewhere, env=env)  # the shipped example configs
+    assert planned.returncode == 0 and json.loads(planned.stdout)[0]["strategy"] == "ddp", planned.stderr[-2000:]

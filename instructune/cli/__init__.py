@@ -13,7 +13,7 @@ from typing import Callable
 from instructune import distributed
 from instructune.errors import UserError
 
-COMMANDS = ("train", "demo", "generate", "serve", "eval", "judge", "data", "diff", "convert", "shard", "merge")
+COMMANDS = ("train", "demo", "plan", "generate", "serve", "eval", "judge", "data", "diff", "convert", "shard", "merge")
 
 
 def setup_logging() -> None:

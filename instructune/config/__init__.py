@@ -31,5 +31,5 @@ def train_parser_help(prog: str) -> str:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog=prog)
     return parser.format_help() + (
         "\n  --config FILE         YAML file of the flags above (flags given after it override it)"
-        f"\n  --strategy NAME       one of {', '.join(STRATEGIES)} (ds_configs/)\n"
+        f"\n  --strategy NAME       one of {', '.join(STRATEGIES)} (ds_configs/), or auto (the planner's choice)\n"
     )

@@ -54,7 +54,7 @@ def shipped(path: str) -> str:
 
 def strategy_flags(name: str) -> list[str]:
     if name not in STRATEGIES:
-        raise ConfigError(f"--strategy {name}: unknown; choose one of {', '.join(STRATEGIES)}")
+        raise ConfigError(f"--strategy {name}: unknown; choose one of {', '.join(STRATEGIES)}, or auto")
     return [str(RESOURCES / "ds_configs" / v) if v.endswith(".json") else v for v in STRATEGIES[name]]
 
 
@@ -125,6 +125,10 @@ def expand_strategy(argv: list[str]) -> list[str]:
     if len(items[positions[-1]][1]) != 1:
         raise ConfigError("--strategy takes one name")
     name = items[positions[-1]][1][0]
+    if name == "auto":  # the planner's choice for this hardware and these flags
+        from instructune.plan import auto_strategy
+
+        name = auto_strategy(dict(items))
     explicit = [i for i, (flag, _) in enumerate(items) if flag in STRATEGY_FLAGS]
     if explicit and explicit[-1] > positions[-1]:
         logger.info("--%s given after --strategy %s: using it instead", items[explicit[-1]][0].lstrip("-"), name)

@@ -1,0 +1,47 @@
+"""`instructune plan`: per-GPU and per-node memory of every strategy for a model and a workload, which fit, the fastest
+that fits, and the command line that runs it; from the model's config only (nothing downloaded)."""
+
+import argparse
+
+HELP = "will it fit? memory per GPU of every strategy (DDP, ZeRO, FSDP, offload, LoRA, QLoRA) and the command to run"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="instructune plan", description="Memory per GPU and per node of each training "
+                                     "strategy, from the model's config (a model folder, config.json, a hub id in the "
+                                     "local cache, or a shipped example: llama-2-7b, llama-2-13b, llama-2-70b).")
+    parser.add_argument("--model", required=True, help="model folder, config.json, cached hub id or shipped example")
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs per node")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpu_mem", type=float, default=80, help="GiB per GPU")
+    parser.add_argument("--cpu_mem", type=float, default=1024, help="GiB of CPU memory per node")
+    parser.add_argument("--seq_len", type=int, default=512, help="tokens per sequence (model_max_length)")
+    parser.add_argument("--micro_batch", type=int, default=4, help="sequences per GPU per step (per_device_train_batch_size)")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--lora_r", type=int, default=0, help="plan LoRA adapters of this rank (and choose among adapters)")
+    parser.add_argument("--lora_target_modules", default="[q_proj,v_proj]", help="as train.py's flag, or all-linear")
+    parser.add_argument("--load_in_4bit", action="store_true", help="with --lora_r: QLoRA")
+    parser.add_argument("--device", default="gpu", choices=("gpu", "cpu"),
+                        help="cpu: the processes train on the CPU; --gpus is then processes per node and --cpu_mem their memory")
+    parser.add_argument("--runtime_overhead", type=float, default=None,
+                        help="GiB each process holds before any model state (default: 1 on a GPU, 0.6 on the CPU (measured: bench/plan.py))")
+    parser.add_argument("--headroom", type=float, default=0.10, help="fraction of memory kept free (fragmentation)")
+    parser.add_argument("--target_fraction", type=float, default=1.0,
+                        help="fraction of positions with a target (logits are kept only there); 1 is the safe bound")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON: one object per option")
+    args = parser.parse_args(argv)
+
+    from instructune.adapters import target_modules
+    from instructune.plan import GIB, Hardware, Workload, choose, command_for, plan, shape_of, table, to_json
+
+    hardware = Hardware(args.gpus, args.nodes, args.gpu_mem * GIB, args.cpu_mem * GIB, args.device,
+                        None if args.runtime_overhead is None else args.runtime_overhead * GIB, args.headroom)
+    work = Workload(args.seq_len, args.micro_batch, args.gradient_checkpointing, args.lora_r, args.load_in_4bit,
+                    args.target_fraction)
+    shape = shape_of(args.model, target_modules(args.lora_target_modules), ranks=(args.lora_r or 8,))
+    options = plan(shape, hardware, work)
+    for option in options:
+        option.command = command_for(option, shape.name, hardware, work)
+    chosen = choose(options, work)
+    print(to_json(options, chosen) if args.json else table(shape, hardware, work, options, chosen))
+    return 0
