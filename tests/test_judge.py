@@ -77,6 +77,7 @@ def test_counts_per_test_set_with_order_swaps_disagreements_and_failures(judge, 
     assert counts["koala"] == {"win": 1, "tie": 1, "lose": 1, "failed": 0} and counts["vicuna"]["failed"] == 1
 
 
+@pytest.mark.slow
 def test_answers_are_generated_by_both_models_or_refused_when_missing(judge, tiny_llama, tiny_opt, tmp_path):
     from instructune.inference.engine import Sampling, answer, load
 

@@ -65,6 +65,7 @@ def test_the_choice_is_the_fastest_that_fits_and_the_figures_move_the_right_way(
     assert choose(plan(shape_of("llama-2-70b", ranks=(16,)), Hardware(gpus=1), qlora), qlora).strategy == "qlora"
 
 
+@pytest.mark.slow
 def test_plan_command_json_and_table_offline(tiny_llama):
     result = run_command([PYTHON, "-m", "instructune.cli", "plan", "--model", "llama-2-13b", "--gpus", "8",
                           "--gpu_mem", "80", "--json"])
