@@ -85,6 +85,12 @@ def test_openai_client_gets_completions_and_a_stream_equal_to_generate(server, s
                              "--instruction", question, "--max_new_tokens", "16"])
     assert generated.returncode == 0 and generated.stdout.strip() == text.strip() != "", generated.stderr[-2000:]
 
+    # several turns: the tokenizer's chat template (as training renders conversations), with a system message
+    turns = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a fruit."},
+             {"role": "assistant", "content": "An apple."}, {"role": "user", "content": "Another one?"}]
+    multi = openai.chat.completions.create(model="smollm2-135m", messages=turns, temperature=0, max_tokens=8)
+    assert multi.choices[0].message.content and multi.usage.prompt_tokens > reply.usage.prompt_tokens
+
     completion = openai.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=4,
                                            temperature=0)
     assert completion.object == "text_completion" and "Paris" in completion.choices[0].text
@@ -217,8 +223,9 @@ def test_chat_page_streams_an_answer_in_a_real_browser(server):
     try:
         browser.get(f"http://127.0.0.1:{server}/")
         browser.find_element(By.ID, "api_key").send_keys(KEY)
-        browser.find_element(By.ID, "max_tokens").clear()
-        browser.find_element(By.ID, "max_tokens").send_keys("48")
+        for field, value in (("max_tokens", "48"), ("temperature", "0")):  # greedy: the answer is known
+            browser.find_element(By.ID, field).clear()
+            browser.find_element(By.ID, field).send_keys(value)
         browser.find_element(By.ID, "instruction").send_keys("Give three tips for staying healthy.")
         browser.find_element(By.ID, "send").click()
         lengths, deadline = set(), time.time() + 120
@@ -232,8 +239,21 @@ def test_chat_page_streams_an_answer_in_a_real_browser(server):
         assert answers and answers[-1].get_attribute("data-done"), "no answer finished in 120 s"
         final = answers[-1].text
         assert final and "error" not in answers[-1].get_attribute("class")
+        expected = json.loads(call(server, "POST", "/v1/chat/completions", chat_body(
+            "Give three tips for staying healthy.", max_tokens=48, temperature=0, top_p=0.9))[2])
+        assert final.strip() == expected["choices"][0]["message"]["content"].strip()  # the server's own answer
         assert len({n for n in lengths if 0 < n < len(final)}) >= 2, lengths  # it grew while streaming in
         assert browser.find_element(By.ID, "model").text == "smollm2-135m"
+        browser.find_element(By.CSS_SELECTOR, "input[value=chat]").click()  # free chat: two turns, one history
+        for done, message in enumerate(("Name a fruit.", "Another one?"), start=2):
+            browser.find_element(By.ID, "instruction").send_keys(message)
+            browser.find_element(By.ID, "send").click()
+            deadline = time.time() + 120
+            while time.time() < deadline and len(browser.find_elements(By.CSS_SELECTOR, ".assistant[data-done]")) < done:
+                time.sleep(0.05)
+        turns = browser.find_elements(By.CSS_SELECTOR, ".turn")
+        assert [t.get_attribute("class").split()[1] for t in turns] == ["user", "assistant"] * 3
+        assert all(t.text for t in turns)
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "chat_page.png"))
         assert (ARTIFACTS / "chat_page.png").stat().st_size > 10_000
