@@ -143,19 +143,20 @@ class Engine:
             input_ids[i, : len(sequence)] = torch.tensor(sequence)
             attention_mask[i, : len(sequence)] = 1
         logits = self.model(input_ids=input_ids.to(self.model.device),
-                            attention_mask=attention_mask.to(self.model.device)).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1).cpu()
+                            attention_mask=attention_mask.to(self.model.device)).logits
         results = []
         for i, (sequence, top) in enumerate(zip(sequences, tops)):
+            logprobs = torch.log_softmax(logits[i, : len(sequence) - 1].float(), dim=-1).cpu()  # a row at a time
             tokens = [self.tokenizer.decode([t]) for t in sequence]
             scored = [TokenLogprob(tokens[0], None, None)]
             for position in range(1, len(sequence)):
-                row = logprobs[i, position - 1]
-                best = torch.topk(row, top) if top else None
-                alternatives = {} if best is not None else None
-                if best is not None:
+                row = logprobs[position - 1]
+                alternatives = None
+                if top:
+                    best = torch.topk(row, top)
+                    alternatives = {}
                     for value, token_id in zip(best.values.tolist(), best.indices.tolist()):
-                        alternatives.setdefault(self.tokenizer.decode([token_id]), value)
+                        alternatives.setdefault(self.tokenizer.decode([token_id]), value)  # two ids, one text: the likelier
                 scored.append(TokenLogprob(tokens[position], row[sequence[position]].item(), alternatives))
             results.append(scored)
         return results

@@ -193,9 +193,14 @@ def create_app(engine: Engine, limits: Limits) -> FastAPI:
         return await call_next(request)
 
     async def read(request: HTTPRequest, schema: type[Body]) -> Body:
+        def refuse_over(size: int) -> None:
+            if size > limits.max_request_bytes:
+                raise APIError(413, f"the request is {size} bytes; this server takes at most {limits.max_request_bytes}")
+
+        declared = request.headers.get("content-length", "")
+        refuse_over(int(declared) if declared.isdigit() else 0)  # before reading it
         raw = await request.body()
-        if len(raw) > limits.max_request_bytes:
-            raise APIError(413, f"the request is {len(raw)} bytes; this server takes at most {limits.max_request_bytes}")
+        refuse_over(len(raw))  # a chunked body declares no length
         try:
             body = schema.model_validate_json(raw)
         except ValidationError as e:
