@@ -22,6 +22,7 @@ from instructune.tensorio import out_of_space
 STAGING = ".final-model.partial"  # inside output_dir, so that the moves into place are renames
 WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
 MERGED = "merged"  # with --merge_adapter: the base model with the adapter merged in
+RUN_SUMMARY = "train_results.json"  # also read by inference: it names the prompt template the run trained with
 
 
 def prepare_output_dir(args, model_path: str) -> None:
@@ -88,7 +89,7 @@ def save_model_folder(trainer, metrics: dict, data_stats: DataStats, speed: dict
         "heldout_losses": loss_history(trainer, "eval_loss"),
         "lm_eval": [e for e in trainer.state.log_history if any(k.startswith("lm_eval/") for k in e)],
     }
-    (output_dir / "train_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (output_dir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     if losses:
         plot_loss_curve(losses, output_dir / "loss_curve.png")
 

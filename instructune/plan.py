@@ -339,13 +339,15 @@ def auto_strategy(flags: dict[str, list[str]]) -> str:
         raise ConfigError(f"--strategy auto: no strategy fits {shape.name} on {where} with micro-batch {work.micro_batch} "
                           f"× {work.seq_len}{adapter}; `instructune plan` shows the figures")
     name = "ddp" if chosen.strategy in ADAPTERS else chosen.strategy
-    faster = [o for o in options if o.strategy in FULL[: FULL.index(name)]] if name in FULL else []
-    unit = "per GPU" if hardware.device == "gpu" else "on this node"
-    need = chosen.gpu_total_bytes if hardware.device == "gpu" else chosen.cpu_total_bytes
-    have = hardware.gpu_mem if hardware.device == "gpu" else hardware.cpu_mem
-    why = f"{need / GIB:.1f} GiB of {have / GIB:.0f} GiB {unit}"
+    on_gpu = hardware.device == "gpu"
+
+    def needs(o: Option) -> float:  # GiB of the memory that decides whether it fits
+        return (o.gpu_total_bytes if on_gpu else o.cpu_total_bytes) / GIB
+
+    have = (hardware.gpu_mem if on_gpu else hardware.cpu_mem) / GIB
+    why = f"{needs(chosen):.1f} GiB of {have:.0f} GiB {'per GPU' if on_gpu else 'on this node'}"
+    faster = [o for o in options if o.strategy in FULL[: FULL.index(name)]]
     if faster:
-        why += "; faster ones need " + ", ".join(
-            f"{o.strategy} {(o.gpu_total_bytes if hardware.device == 'gpu' else o.cpu_total_bytes) / GIB:.1f}" for o in faster)
+        why += "; faster ones need " + ", ".join(f"{o.strategy} {needs(o):.1f}" for o in faster)
     logging.getLogger("instructune").info("--strategy auto: %s (%s; %s)", name, why, where)
     return name

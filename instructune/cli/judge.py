@@ -84,12 +84,11 @@ def generate(model: str, prompts, args, output: Path):
     """Answers by (instruction, input), written to `output` as well (reusable as --answers_a/b), and the model's name."""
     import gc
 
-    from instructune.data.prompts import read_answers
     from instructune.inference.engine import Sampling, answer_file, load
 
     engine = load(model)
-    answer_file(engine, prompts, Sampling(max_new_tokens=args.max_new_tokens), args.batch_size, output)
+    answered = answer_file(engine, prompts, Sampling(max_new_tokens=args.max_new_tokens), args.batch_size, output)
     name = engine.name
     del engine
     gc.collect()  # one model in memory at a time
-    return read_answers(output), name
+    return {prompt.key: text for prompt, text in answered}, name

@@ -89,9 +89,12 @@ def parse_scores(reply: str) -> tuple[tuple[float, float], str] | None:
 
 def verdict(a_first: tuple[float, float], b_first: tuple[float, float]) -> str:
     """Model A's outcome from [A, B] scored with A first and [B, A] with B first."""
-    sign = lambda x: (x > 0) - (x < 0)  # noqa: E731
-    total = sign(a_first[0] - a_first[1]) + sign(b_first[1] - b_first[0])
+    total = _sign(a_first[0] - a_first[1]) + _sign(b_first[1] - b_first[0])
     return "win" if total > 0 else "lose" if total < 0 else "tie"
+
+
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)
 
 
 def judge(pairs: list[Pair], client: ChatClient) -> list[Judged]:

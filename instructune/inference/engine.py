@@ -23,10 +23,9 @@ from instructune import adapters, models
 from instructune.data.formats import Message
 from instructune.data.templates import TEMPLATES, render_prompt, template_adds_special_tokens
 from instructune.errors import UserError
+from instructune.export import RUN_SUMMARY
 
 logger = logging.getLogger("instructune")
-
-RUN_SUMMARY = "train_results.json"  # written by export; names the prompt template the model was trained with
 
 
 @dataclass
@@ -111,9 +110,10 @@ class Engine:
         for request in requests:
             self.check_fits(request.prompt_ids)
         budgets = [min(r.sampling.max_new_tokens, self.context_length - len(r.prompt_ids)) for r in requests]
-        rows = Rows(self.tokenizer, requests, budgets, self.eos_ids)
+        eos_ids = self.eos_ids
+        rows = Rows(self.tokenizer, requests, budgets, eos_ids)
         if max(budgets) > 0:
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids)
             width = max(len(r.prompt_ids) for r in requests)
             input_ids = torch.full((len(requests), width), pad, dtype=torch.long)
             attention_mask = torch.zeros_like(input_ids)
@@ -121,7 +121,7 @@ class Engine:
                 input_ids[i, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
                 attention_mask[i, width - len(request.prompt_ids):] = 1
             config = GenerationConfig(max_new_tokens=max(budgets), do_sample=False, pad_token_id=pad,
-                                      eos_token_id=sorted(self.eos_ids))
+                                      eos_token_id=sorted(eos_ids))
             self.model.generate(input_ids=input_ids.to(self.model.device),
                                 attention_mask=attention_mask.to(self.model.device), generation_config=config,
                                 logits_processor=[PerRequestSampler(requests)], stopping_criteria=[rows])
@@ -183,8 +183,8 @@ class PerRequestSampler(LogitsProcessor):
                 logits[logits < torch.topk(logits, sampling.top_k).values[-1]] = -float("inf")
             if sampling.top_p < 1.0:
                 ordered, order = torch.sort(logits, descending=True)
-                cumulative = torch.softmax(ordered, dim=-1).cumsum(-1)
-                drop = cumulative - torch.softmax(ordered, dim=-1) >= sampling.top_p  # keep the first token past top_p
+                probabilities = torch.softmax(ordered, dim=-1)
+                drop = probabilities.cumsum(-1) - probabilities >= sampling.top_p  # keep the first token past top_p
                 logits[order[drop]] = -float("inf")
             token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).item()
             scores[i] = -float("inf")
@@ -275,7 +275,7 @@ def load(name_or_path: str, adapter: str | None = None, template: str = "auto", 
             model = models.load_model(path, dtype=dtype)
     except OSError as e:  # transformers' "not a model folder / not on the hub" errors
         raise UserError(f"{name_or_path}: cannot load the model: {e}".splitlines()[0]) from None
-    model = model.to("cuda" if on_gpu else "cpu").eval()
+    model = model.to("cuda" if on_gpu else "cpu")
     if template == "auto":
         template = saved_template(adapter or path)
     return wrap(model, tokenizer, template, name or Path(adapter or path).name)
@@ -301,12 +301,12 @@ def saved_template(path: str) -> str:
     return "alpaca"
 
 
-def answer_all(engine: Engine, prompts: list, sampling: Sampling, batch_size: int = 8, desc: str = "answering"):
+def answer_all(engine: Engine, prompts: list, sampling: Sampling, batch_size: int = 8):
     """(prompt, answer) for prompts with `instruction` and `input` (data.prompts.Prompt), in batches, in order, with a
     progress bar."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
+    with tqdm(total=len(prompts), desc="answering", unit="prompt") as bar:
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
             requests = [Request(engine.prompt_ids([Message("user", p.instruction, p.input)]), sampling) for p in batch]
@@ -315,19 +315,23 @@ def answer_all(engine: Engine, prompts: list, sampling: Sampling, batch_size: in
             bar.update(len(batch))
 
 
-def answer_file(engine: Engine, prompts: list, sampling: Sampling, batch_size: int, output: Path) -> None:
-    """Answers as {instruction, input, output, generator} lines (what the judge reads), written whole or not at all."""
+def answer_file(engine: Engine, prompts: list, sampling: Sampling, batch_size: int, output: Path) -> list[tuple]:
+    """Answers as {instruction, input, output, generator} lines (what the judge reads), written whole or not at all;
+    returns the (prompt, answer) pairs written."""
     partial = output.with_name(output.name + ".partial")
     output.parent.mkdir(parents=True, exist_ok=True)
+    answered = []
     try:
         with open(partial, "w", encoding="utf-8") as f:
             for prompt, text in answer_all(engine, prompts, sampling, batch_size):
                 f.write(json.dumps({"instruction": prompt.instruction, "input": prompt.input, "output": text,
                                     "generator": engine.name}) + "\n")
+                answered.append((prompt, text))
         os.replace(partial, output)
     finally:
         partial.unlink(missing_ok=True)
     logger.info("%d answers written to %s", len(prompts), output)
+    return answered
 
 
 def answer(engine: Engine, instruction: str, input: str = "", sampling: Sampling | None = None,

@@ -154,6 +154,12 @@ class Batcher:
                 self.active -= len(jobs)
 
 
+async def completion_of(job: Job) -> Completion:
+    async for item in run_job(job):
+        if isinstance(item, Completion):
+            return item
+
+
 async def run_job(job: Job):
     """The job's text pieces as they come, then its Completion."""
     while True:
@@ -256,7 +262,7 @@ def create_app(engine: Engine, limits: Limits) -> FastAPI:
         job = batcher.submit(Request(checked(prompt_ids), sampling(body, body.max_completion_tokens or body.max_tokens, 256)))
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.name}
         if not body.stream:
-            completion = [item async for item in run_job(job)][-1]
+            completion = await completion_of(job)
             return {**head, "object": "chat.completion", "usage": usage([completion]), "choices": [{
                 "index": 0, "message": {"role": "assistant", "content": completion.text},
                 "finish_reason": completion.finish_reason, "logprobs": None}]}
@@ -292,7 +298,7 @@ def create_app(engine: Engine, limits: Limits) -> FastAPI:
             raise APIError(400, "prompt is empty", param="prompt")
         prompt_ids = [checked(p if isinstance(p, list) else prompts.text_ids(p)) for p in given]
         plan = sampling(body, body.max_tokens, 16)
-        jobs = [batcher.submit(Request(ids, dataclasses.replace(plan), logprobs=body.logprobs)) for ids in prompt_ids]
+        jobs = [batcher.submit(Request(ids, plan, logprobs=body.logprobs)) for ids in prompt_ids]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": engine.name}
         if body.stream:
@@ -309,7 +315,7 @@ def create_app(engine: Engine, limits: Limits) -> FastAPI:
                         job.request.cancelled = True
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        completions = [[item async for item in run_job(job)][-1] for job in jobs]
+        completions = [await completion_of(job) for job in jobs]
         choices = []
         for index, (ids, completion) in enumerate(zip(prompt_ids, completions)):
             text = completion.text
