@@ -114,7 +114,10 @@ def train(
     quantization = adapters.quantization_config(model_args, on_gpu=not distributed.on_cpu())
     if model_args.merge_adapter and not model_args.lora_r:
         raise ConfigError("--merge_adapter merges a LoRA adapter: train one with --lora_r R")
-    prepare_output_dir(training_args, model_path)
+    deepspeed_config = training_args.deepspeed if isinstance(training_args.deepspeed, str) else None
+    prepare_output_dir(training_args, {"base model": [model_path], "data": [spec.path for spec in specs],
+                                       "config file": [training_args.config, deepspeed_config],
+                                       "task folder": [training_args.eval_tasks_include_path]})
     distributed.init_deepspeed_comm(training_args)
     model = models.load_model(model_path, training_args.cache_dir, model_args.trust_remote_code,
                               quantization=quantization)

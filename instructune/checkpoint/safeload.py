@@ -6,11 +6,14 @@ reader unpickles FSDP's `.metadata` (and loads byte entries with weights_only=Fa
 torch.load in a conversion is weights-only with exactly the extra types ZeRO checkpoints hold, and
 `.metadata` is checked by an unpickler that resolves only the names FSDP metadata uses (both lists
 read off real ZeRO-2/3 and FSDP checkpoints); anything else is refused in one line naming the file.
+Enum members are pickled by value on some Python patch levels and as `builtins.getattr(EnumClass, name)` on
+others (Debian's 3.11.2): the getattr form is allowed only on an allowed enum class with one of its member names.
 `--trust_checkpoint` lifts the check for files the user trusts. Can go when DeepSpeed and
 torch.distributed.checkpoint load with weights_only themselves.
 """
 
 import contextlib
+import enum
 import pickle
 from pathlib import Path
 
@@ -27,13 +30,26 @@ METADATA_GLOBALS = {
      ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
 
 
+def member_getattr(allowed: set):
+    """A stand-in for `builtins.getattr` while unpickling: only `getattr(EnumClass, member_name)` for an enum class
+    in `allowed`; any other use is refused."""
+
+    def getattr_member(owner, name):
+        if isinstance(owner, enum.EnumMeta) and owner in allowed and isinstance(name, str) and name in owner.__members__:
+            return owner[name]
+        raise _Refused(f"names builtins.getattr({getattr(owner, '__name__', type(owner).__name__)}, {name!r})")
+
+    return getattr_member
+
+
 def _zero_types() -> list:
-    """The types that ZeRO-2/3 `*_states.pt` files hold besides tensors and plain containers."""
+    """The types that ZeRO-2/3 `*_states.pt` files hold besides tensors and plain containers (and getattr, for the
+    enum among them)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, LossScaler, fragment_address]
+    return [ZeroStageEnum, LossScaler, fragment_address, (member_getattr({ZeroStageEnum}), "builtins.getattr")]
 
 
 def refusal(file, reason: str) -> UserError:
@@ -70,10 +86,18 @@ class _Refused(pickle.UnpicklingError):
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        if (module, name) == ("builtins", "getattr"):
+            return member_getattr({_metadata_enum()})
         is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
         if (module, name) not in METADATA_GLOBALS and not is_dtype:
             raise _Refused(f"names {module}.{name}")
         return super().find_class(module, name)
+
+
+def _metadata_enum() -> type:
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    return _MEM_FORMAT_ENCODING
 
 
 def check_metadata(path: Path, trust: bool = False) -> None:

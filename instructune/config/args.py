@@ -125,6 +125,7 @@ class DataArguments:
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     cache_dir: str | None = field(default=None, metadata={"help": "Hugging Face download cache."})
+    config: str | None = field(default=None, metadata={"help": "A YAML file of these flags (flags after it override it)."})
     optim: str = field(
         default="adamw_torch_fused",
         metadata={"help": "Optimizer: AdamW in one fused kernel (transformers 5's default). Alpaca's adamw_torch is the "

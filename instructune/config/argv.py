@@ -109,7 +109,8 @@ def expand_config_file(argv: list[str]) -> list[str]:
         else:
             values = [str(value)]
         from_file.append((f"--{key}", values))
-    return _join_flags(from_file) + _join_flags([(f, v) for f, v in items if f != "--config"])
+    # --config stays, as the file's path: the run keeps its output folder off it
+    return _join_flags(from_file) + _join_flags([(f, v) if f != "--config" else (f, [str(path)]) for f, v in items])
 
 
 def expand_strategy(argv: list[str]) -> list[str]:

@@ -2,6 +2,7 @@
 empties it first, and a resumed run's final model replaces the earlier weights instead of landing beside them."""
 
 import json
+import shutil
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -9,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from instructune.cli import main
 from instructune.tensorio import TensorFolder
 
-from conftest import PYTHON, assert_same_tensors, run_command
+from conftest import PYTHON, SAMPLE_DATA, assert_same_tensors, run_command
 from test_train import tiny_run_flags
 
 
@@ -75,3 +76,23 @@ def test_a_full_disk_at_the_final_save_is_one_line(tiny_llama, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: no space left while writing {out}; the model was not saved (complete checkpoints are intact)")
     assert not list(out.glob("model*")) and not (out / ".final-model.partial").exists()
+
+
+def test_an_output_folder_holding_or_inside_an_input_is_refused(tiny_llama, tmp_path, capsys):
+    """Seen (#20 §5): --overwrite_output_dir with the base model and the data inside the output folder deleted both."""
+    out = tmp_path / "p"
+    shutil.copytree(tiny_llama, out / "base")
+    shutil.copy(SAMPLE_DATA, out / "data.json")
+    (out / "run.yaml").write_text("learning_rate: 0.001\n")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+
+    def refused(model, output_dir, expected, *extra):
+        flags = tiny_run_flags(model, output_dir, steps=1)
+        assert main(["train", *flags, "--overwrite_output_dir", "True", *extra]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {expected}; choose another --output_dir"
+        assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before  # nothing deleted
+
+    refused(out / "base", out, f"{out}: holds the base model ({out / 'base'})")
+    refused(tiny_llama, out, f"{out}: holds the data ({out / 'data.json'})", "--data_path", str(out / "data.json"))
+    refused(tiny_llama, out, f"{out}: holds the config file ({out / 'run.yaml'})", "--config", str(out / "run.yaml"))
+    refused(out / "base", out / "base" / "run", f"{out / 'base' / 'run'}: lies inside the base model ({out / 'base'})")
