@@ -16,7 +16,7 @@ from pathlib import Path
 
 from instructune.adapters import is_adapter
 from instructune.data import DataStats
-from instructune.errors import ConfigError, UserError
+from instructune.errors import ConfigError, UserError, refuse_output_over_inputs
 from instructune.tensorio import out_of_space
 
 STAGING = ".final-model.partial"  # inside output_dir, so that the moves into place are renames
@@ -29,7 +29,7 @@ def prepare_output_dir(args, inputs: dict[str, list[str]]) -> None:
     """Refuse an output_dir that would mix runs, or that is, holds or lies inside one of the run's `inputs`
     ({what: paths}: base model, data, config files); with --overwrite_output_dir, empty it (main process first)."""
     output_dir = Path(args.output_dir)
-    refuse_over_inputs(output_dir, inputs)
+    refuse_output_over_inputs(output_dir, inputs, "--output_dir")
     with args.main_process_first(desc="preparing the output folder"):
         held = sorted(p.name for p in output_dir.iterdir() if p.name != STAGING) if output_dir.is_dir() else []
         if held and args.overwrite_output_dir:
@@ -41,23 +41,6 @@ def prepare_output_dir(args, inputs: dict[str, list[str]]) -> None:
             shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
             raise ConfigError(f"{output_dir}: already holds files ({shown}); pass --overwrite_output_dir True to "
                               "replace them or --resume_from_checkpoint auto to continue that run")
-
-
-def refuse_over_inputs(output_dir: Path, inputs: dict[str, list[str]]) -> None:
-    """An output folder is never one of the inputs, never holds one and never lies inside one: emptying it, or the
-    next run reading it, would take the user's files."""
-    output = output_dir.resolve()
-    for what, paths in inputs.items():
-        for path in filter(None, paths):
-            given = Path(path).resolve()
-            if not given.exists():  # a hub id, a built-in name
-                continue
-            if given == output:
-                raise ConfigError(f"{output_dir}: is the {what}'s folder; choose another --output_dir")
-            if output in given.parents:
-                raise ConfigError(f"{output_dir}: holds the {what} ({path}); choose another --output_dir")
-            if given in output.parents:
-                raise ConfigError(f"{output_dir}: lies inside the {what} ({path}); choose another --output_dir")
 
 
 def training_strategy(trainer) -> str:

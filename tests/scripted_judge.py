@@ -2,6 +2,8 @@
 rating scripts it, with markers in the record's text:
     [score=4.5]      reply "4.5" and a reason          [say=TEXT]   reply TEXT verbatim (parsing tests)
     [fail=429x2]     the first 2 requests get HTTP 429  [slow=2]     the first request waits 2 s
+    [retry_after=V]  a failure's Retry-After header     [cut=1]      the first reply is cut short (connection closed)
+    [trickle=2]      the first reply's bytes trickle out over 2 s
 and, asked to compare two answers (the pairwise judge's prompt), scores each answer by its [q=N] marker, or favours
 the first position for a question marked [bias=first]. It counts requests per record and the most requests in flight at once."""
 
@@ -47,14 +49,17 @@ class ScriptedJudge:
         finally:  # counted until the reply is ready: once it is sent, the client may already send the next one
             with self.lock:
                 self.in_flight -= 1
-        self.send(request, status, payload, retry_after)
+        cut = (m := re.search(r"\[cut=(\d+)\]", record)) and count <= int(m.group(1))
+        trickle = float(m.group(1)) if (m := re.search(r"\[trickle=([\d.]+)\]", record)) and count == 1 else 0
+        self.send(request, status, payload, retry_after, cut=cut, trickle=trickle)
 
     def answer(self, request, body: dict, record: str, count: int) -> tuple[int, dict, str | None]:
         time.sleep(self.delay)
         if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return 401, {"error": {"message": "bad key"}}, None
         if (fail := re.search(r"\[fail=(\d+)x(\d+)\]", record)) and count <= int(fail.group(2)):
-            return int(fail.group(1)), {"error": {"message": "scripted"}}, "0.05"
+            after = re.search(r"\[retry_after=(.*?)\]", record)
+            return int(fail.group(1)), {"error": {"message": "scripted"}}, after.group(1) if after else "0.05"
         if (slow := re.search(r"\[slow=([\d.]+)\]", record)) and count == 1:
             time.sleep(float(slow.group(1)))
         said = re.search(r"\[say=(.*?)\]", record)
@@ -80,7 +85,8 @@ class ScriptedJudge:
         return f"{scores[0]} {scores[1]}\nScripted pairwise reason."
 
     @staticmethod
-    def send(request, status: int, payload: dict, retry_after: str | None = None) -> None:
+    def send(request, status: int, payload: dict, retry_after: str | None = None, cut: bool = False,
+             trickle: float = 0) -> None:
         data = json.dumps(payload).encode()
         try:
             request.send_response(status)
@@ -89,7 +95,16 @@ class ScriptedJudge:
             if retry_after:
                 request.send_header("Retry-After", retry_after)
             request.end_headers()
-            request.wfile.write(data)
+            if cut:  # half the body, then the connection closes
+                request.wfile.write(data[: len(data) // 2])
+                request.close_connection = True
+                return
+            for i in range(len(data)) if trickle else ():
+                request.wfile.write(data[i:i + 1])
+                request.wfile.flush()
+                time.sleep(trickle / len(data))
+            if not trickle:
+                request.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout being tested)
             pass
 

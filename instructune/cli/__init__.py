@@ -40,6 +40,30 @@ def run(command: Callable[[], int]) -> int:
     return code
 
 
+def add_client_flags(parser, requests: str, timeout: float) -> None:
+    """The judge endpoint's flags, shared by `data filter` and `judge` (read by client_from_flags)."""
+    parser.add_argument("--api_key_env", default="OPENAI_API_KEY", help="the environment variable holding the API key")
+    parser.add_argument("--concurrency", type=int, default=8, help=f"{requests} in flight at once")
+    parser.add_argument("--retries", type=int, default=5, help="retries on 429, 5xx, timeouts and replies cut short "
+                        "(exponential backoff, or the server's Retry-After up to 2 minutes)")
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds per request, all of it (not per read)")
+
+
+def client_from_flags(args, url: str, model: str, cache, **params):
+    """A ChatClient from add_client_flags' flags, each checked."""
+    import os
+
+    from instructune.errors import ConfigError
+    from instructune.inference.client import ChatClient
+
+    for flag, value, least in (("--concurrency", args.concurrency, 1), ("--retries", args.retries, 0),
+                               ("--timeout", args.timeout, 0.001)):
+        if not value >= least:  # NaN too
+            raise ConfigError(f"{flag} {value:g}: must be at least {least:g}")
+    return ChatClient(url, model, os.environ.get(args.api_key_env), args.concurrency, args.retries, args.timeout,
+                      cache=cache, **params)
+
+
 def command_module(name: str):
     return importlib.import_module(f"instructune.cli.{name}")
 

@@ -2,8 +2,9 @@
 records a judge model rates highly, as AlpaGasus did)."""
 
 import argparse
-import os
 from pathlib import Path
+
+from instructune.cli import add_client_flags, client_from_flags
 
 HELP = "inspect instruction data, or filter it with a judge model (AlpaGasus)"
 
@@ -32,10 +33,7 @@ def main(argv: list[str]) -> int:
     judge.add_argument("--judge_url", required=True, help="the API base, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
     judge.add_argument("--judge_model", required=True)
     judge.add_argument("--threshold", type=float, default=4.5, help="keep records rated at least this (AlpaGasus: 4.5)")
-    judge.add_argument("--api_key_env", default="OPENAI_API_KEY", help="the environment variable holding the API key")
-    judge.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
-    judge.add_argument("--retries", type=int, default=5, help="retries on 429, 5xx, timeouts (exponential backoff)")
-    judge.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    add_client_flags(judge, "rating requests", timeout=60.0)
     judge.add_argument("--cache", type=Path, help="scores already paid for (default: OUTPUT.cache.jsonl); a run "
                        "that was interrupted continues from it")
     judge.add_argument("--seed", type=int, default=42, help="the sampling seed of PATH:COUNT entries")
@@ -58,12 +56,21 @@ def main(argv: list[str]) -> int:
 def run_filter(args) -> int:
     from instructune.data.judge import rate, write_filtered
     from instructune.data.sources import load_mix, parse_datasets
-    from instructune.inference.client import ChatClient
+    from instructune.errors import UserError, refuse_output_over_inputs
 
-    conversations = load_mix(parse_datasets(",".join(args.datasets)), seed=args.seed).conversations
-    client = ChatClient(args.judge_url, args.judge_model, os.environ.get(args.api_key_env), args.concurrency,
-                        args.retries, args.timeout, cache=args.cache or args.output.with_suffix(".cache.jsonl"))
-    summary = write_filtered(conversations, rate(conversations, client), args.threshold, args.output)
+    specs = parse_datasets(",".join(args.datasets))
+    cache = args.cache or args.output.with_suffix(".cache.jsonl")
+    written = [args.output, *(args.output.with_suffix(s) for s in (".summary.json", ".scores.jsonl", ".scores.png")), cache]
+    for output in written:
+        refuse_output_over_inputs(output, {"input data": [spec.path for spec in specs]}, "--output")
+    conversations = load_mix(specs, seed=args.seed).conversations
+    client = client_from_flags(args, args.judge_url, args.judge_model, cache)
+    verdicts = rate(conversations, client)
+    if all(score is None for score in verdicts.scores):
+        reasons = ", ".join(f"{n} {reason}" for reason, n in verdicts.failures.items())
+        raise UserError(f"{args.judge_url}: every one of the {len(conversations)} rating requests failed ({reasons}); "
+                        f"nothing written to {args.output}")
+    summary = write_filtered(conversations, verdicts, args.threshold, args.output)
     print(f"{args.output}: kept {summary['kept']} of {summary['records']} records (score ≥ {args.threshold:g}), "
           f"dropped {summary['dropped']}, failed {summary['failed']}")
     if summary["failed"]:

@@ -2,8 +2,9 @@
 orders, win/tie/lose per test set, a bar chart)."""
 
 import argparse
-import os
 from pathlib import Path
+
+from instructune.cli import add_client_flags, client_from_flags
 
 HELP = "compare two models' answers with a judge model, in both orders (AlpaGasus): win/tie/lose and a plot"
 
@@ -26,21 +27,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output_dir", type=Path, required=True, help="judgement.json, judgement.png, the answers "
                         "generated (answers_a.jsonl, answers_b.jsonl) and the judge's replies (judge_cache.jsonl: a run "
                         "that was interrupted continues from it)")
-    parser.add_argument("--api_key_env", default="OPENAI_API_KEY", help="the environment variable holding the judge's key")
-    parser.add_argument("--concurrency", type=int, default=8, help="judge requests in flight at once")
-    parser.add_argument("--retries", type=int, default=5, help="retries on 429, 5xx and timeouts (exponential backoff)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per judge request")
+    add_client_flags(parser, "judge requests", timeout=120.0)
     parser.add_argument("--max_new_tokens", type=int, default=512, help="the models' answers: at most this many tokens")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts the models answer together")
     args = parser.parse_args(argv)
     for side in ("a", "b"):
         if bool(getattr(args, f"model_{side}")) == bool(getattr(args, f"answers_{side}")):
             parser.error(f"give either --model_{side} or --answers_{side}")
+    client = client_from_flags(args, args.judge_url, args.judge_model, args.output_dir / "judge_cache.jsonl",
+                               params={"temperature": 0.0, "max_tokens": 512})
 
     from instructune.data.prompts import read_answers, read_prompts
     from instructune.errors import DataError
     from instructune.eval.pairwise import Pair, judge, write_report
-    from instructune.inference.client import ChatClient
 
     test_sets = {Path(path).stem.removesuffix("_test_set"): read_prompts(path) for path in args.test_set}
     if len(test_sets) < len(args.test_set):
@@ -64,9 +63,6 @@ def main(argv: list[str]) -> int:
         names = {"a": f"{names['a']} (A)", "b": f"{names['b']} (B)"}
 
     pairs = [Pair(name, p, answers["a"][p.key], answers["b"][p.key]) for name, ps in test_sets.items() for p in ps]
-    client = ChatClient(args.judge_url, args.judge_model, os.environ.get(args.api_key_env), args.concurrency,
-                        args.retries, args.timeout, cache=args.output_dir / "judge_cache.jsonl",
-                        params={"temperature": 0.0, "max_tokens": 512})
     args.output_dir.mkdir(parents=True, exist_ok=True)
     report = write_report(judge(pairs, client), (names["a"], names["b"]), args.judge_model, args.output_dir)
     print(f"{names['a']} vs {names['b']}, judged by {args.judge_model} in both orders:")

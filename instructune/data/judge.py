@@ -26,8 +26,10 @@ minor issues, 3 acceptable, 2 weak, 1 mostly wrong, 0 useless or harmful.
 Answer with the score alone on the first line, then one or two sentences explaining it.
 
 {record}"""
-SCORE_LINE = re.compile(r"^\W*(?:score\W*)?(\d+(?:\.\d+)?)\s*(?:/\s*5|out of 5)?\b", re.IGNORECASE)
-SCORE_ANYWHERE = re.compile(r"\bscore\s*(?:is|of|[:=])?\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+# A score and, if stated, its scale ("4/5", "4 out of 5"): a sign is kept so that "-3" is refused, not read as 3.
+NUMBER = r"(-?\d+(?:\.\d+)?)(?:[*_\s]*(?:/|out\s+of)\s*(\d+(?:\.\d+)?))?"
+SCORE_LINE = re.compile(r"^[^\w-]*(?:score[^\w-]*)?" + NUMBER + r"(?![\d.])", re.IGNORECASE)
+SCORE_ANYWHERE = re.compile(r"\bscore\s*(?:is|of|[:=])?\s*" + NUMBER, re.IGNORECASE)
 
 
 def describe(conversation: Conversation) -> str:
@@ -46,12 +48,12 @@ def rating_request(conversation: Conversation) -> list[dict]:
 
 def parse_score(reply: str) -> tuple[float, str] | None:
     """(score, reason) from a judge's reply: the score on its first non-empty line ('4.5', 'Score: 4', '4/5'),
-    or stated as 'score: X' anywhere; None if there is none in 0–5."""
+    or stated as 'score: X' anywhere; None if there is none in 0–5 (on another scale, '4.5/10', or negative)."""
     lines = [line for line in reply.strip().split("\n") if line.strip()]
     if not lines:
         return None
     match = SCORE_LINE.match(lines[0]) or SCORE_ANYWHERE.search(reply)
-    if not match:
+    if not match or (match.group(2) is not None and float(match.group(2)) != 5):
         return None
     score = float(match.group(1))
     reason = " ".join(lines[1:]).strip() if SCORE_LINE.match(lines[0]) else reply.strip()

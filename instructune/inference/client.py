@@ -1,25 +1,56 @@
 """A small client for OpenAI-compatible chat-completions endpoints, for many requests at once: a concurrency
-limit, retries with exponential backoff on 429, 5xx, timeouts and dropped connections (Retry-After
-honoured), and a resumable on-disk cache so an interrupted run continues without paying twice.
-Used by the data filter (and meant for the evaluation judge and the server's tests).
+limit, retries with exponential backoff on 429, 5xx, timeouts, dropped connections and replies cut short
+(Retry-After honoured up to MAX_RETRY_AFTER), a deadline per request (not per socket read), and a resumable
+on-disk cache so an interrupted run continues without paying twice.
+Used by the data filter and the pairwise judge.
 
-Only the standard library: a thread pool of urllib requests is plenty for a rate-limited remote API.
+Only the standard library: a thread pool of http.client requests is plenty for a rate-limited remote API.
 """
 
+import email.utils
 import hashlib
+import http.client
 import json
+import logging
+import math
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+logger = logging.getLogger("instructune")
+
 RETRIED_STATUS = {408, 409, 429, 500, 502, 503, 504}
+MAX_RETRY_AFTER = 120.0  # seconds: a server asking for longer (a day, say) is waited on this long, and told so
+
+
+class HTTPStatus(Exception):
+    def __init__(self, status: int, retry_after: str | None):
+        super().__init__(f"HTTP {status}")
+        self.status, self.retry_after = status, retry_after
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds from now (a number or an HTTP date); None when absent or unreadable (negative, NaN)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None or when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+        seconds = max(0.0, seconds)
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 @dataclass
@@ -43,21 +74,27 @@ class ChatClient:
         base = self.url.rstrip("/")
         self.endpoint = base if base.endswith("/chat/completions") else base + "/chat/completions"
         self._lock = threading.Lock()
+        self._capped_once = False
 
     def key(self, messages: list[dict]) -> str:
         text = json.dumps({"model": self.model, "messages": messages, "params": self.params}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def load_cache(self) -> dict[str, str]:
-        """Replies already paid for; a line torn by a kill is ignored."""
+        """Replies already paid for. A line torn by a kill is ignored, and ended, so that the next reply appended
+        starts a line of its own instead of joining the torn one (and being lost with it)."""
         replies = {}
         if self.cache and self.cache.exists():
-            for line in self.cache.read_text(encoding="utf-8").split("\n"):
+            text = self.cache.read_text(encoding="utf-8", errors="replace")
+            for line in text.split("\n"):
                 try:
                     entry = json.loads(line)
                     replies[entry["key"]] = entry["reply"]
                 except (ValueError, KeyError, TypeError):
                     continue
+            if text and not text.endswith("\n"):
+                with open(self.cache, "a", encoding="utf-8") as f:
+                    f.write("\n")
         return replies
 
     def complete_all(self, conversations: list[list[dict]], accept=None, desc: str = "requests") -> list[str | Failure]:
@@ -82,28 +119,63 @@ class ChatClient:
 
     def complete(self, messages: list[dict]) -> str | Failure:
         body = json.dumps({"model": self.model, "messages": messages, **self.params}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
         reason = "no attempt"
         for attempt in range(self.retries + 1):
             wait = self.backoff * 2**attempt
             try:
-                request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return _reply_text(json.loads(response.read()))
-            except urllib.error.HTTPError as e:
-                reason = f"HTTP {e.code}"
-                if e.code not in RETRIED_STATUS:
+                return _reply_text(json.loads(self._post(body)))
+            except HTTPStatus as e:
+                reason = str(e)
+                if e.status not in RETRIED_STATUS:
                     return Failure(reason)
-                wait = float(e.headers.get("Retry-After") or wait)
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                reason = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+                asked = retry_after_seconds(e.retry_after)
+                wait = wait if asked is None else self._capped(asked)
+            except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
+                reason = f"{type(e).__name__}: {e}".splitlines()[0][:200]
             except (ValueError, KeyError, IndexError, TypeError) as e:
                 return Failure(f"not a chat-completions reply ({type(e).__name__})")
             if attempt < self.retries:
                 time.sleep(wait)
         return Failure(f"{reason} after {self.retries + 1} attempts")
+
+    def _post(self, body: bytes) -> bytes:
+        """The response body of one POST, within `timeout` seconds in all (a server that trickles its reply is cut
+        off at the deadline, not after `timeout` per read)."""
+        deadline = time.monotonic() + self.timeout
+        url = urllib.parse.urlsplit(self.endpoint)
+        connection_class = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        connection = connection_class(url.netloc, timeout=self.timeout)
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})}
+        try:
+            connection.request("POST", url.path + (f"?{url.query}" if url.query else ""), body=body, headers=headers)
+            sock = connection.sock  # the response reads from it even after the connection lets go of it
+            response = connection.getresponse()
+            if response.status != 200:
+                raise HTTPStatus(response.status, response.getheader("Retry-After"))
+            chunks = []
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no complete reply within {self.timeout:g} s")
+                sock.settimeout(left)
+                chunk = response.read1(1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            if response.length:  # a Content-Length that the body did not reach
+                raise http.client.IncompleteRead(b"".join(chunks), response.length)
+            return b"".join(chunks)
+        finally:
+            connection.close()
+
+    def _capped(self, seconds: float) -> float:
+        if seconds <= MAX_RETRY_AFTER:
+            return seconds
+        if not self._capped_once:
+            self._capped_once = True
+            logger.warning("the endpoint asked to wait %.0f s before retrying (Retry-After); waiting %g s instead",
+                           seconds, MAX_RETRY_AFTER)
+        return MAX_RETRY_AFTER
 
     def _remember(self, key: str, reply: str) -> None:
         if not self.cache:
