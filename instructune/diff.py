@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from instructune.atomic import atomic_folder
 from instructune.errors import UserError
-from instructune.tensorio import (MODEL_FILES, ShardWriter, TensorFolder, atomic_folder, copy_model_files, inside,
+from instructune.tensorio import (MODEL_FILES, ShardWriter, TensorFolder, copy_model_files, inside,
                                   tensor_sha256)
 
 logger = logging.getLogger("instructune")

@@ -17,7 +17,7 @@ from pathlib import Path
 from instructune.adapters import is_adapter
 from instructune.data import DataStats
 from instructune.errors import ConfigError, UserError, refuse_output_over_inputs
-from instructune.tensorio import out_of_space
+from instructune.atomic import out_of_space
 
 STAGING = ".final-model.partial"  # inside output_dir, so that the moves into place are renames
 WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")

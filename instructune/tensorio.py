@@ -8,14 +8,12 @@ the tensors' shapes first and then streams each tensor's bytes into its place: t
 ordinary safetensors shards with a standard `model.safetensors.index.json`.
 """
 
-import errno
 import hashlib
 import json
 import math
 import re
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,46 +217,3 @@ def copy_model_files(source: Path, destination: Path) -> None:
     for file in sorted(source.iterdir()):
         if file.is_file() and MODEL_FILES.match(file.name):
             shutil.copy2(file, destination / file.name)
-
-
-class atomic_folder:
-    """A staging folder beside `target`, renamed to it only when the block succeeds; removed otherwise.
-
-    Readers never see a half-written model: until the rename it is a hidden `.NAME.partial-*` folder.
-    With target None (a dry run) the block gets None and nothing is written.
-    """
-
-    def __init__(self, target: Path | None):
-        self.target = target
-        self.staging = None
-
-    def __enter__(self) -> Path | None:
-        if self.target is None:
-            return None
-        if self.target.exists():
-            raise UserError(f"{self.target}: already exists; choose a new folder")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in self.target.parent.glob(f".{self.target.name}.partial-*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
-        return self.staging
-
-    def __exit__(self, error_type, error, traceback) -> None:
-        if self.staging is None:
-            return
-        if error_type is None:
-            self.staging.chmod(0o755)
-            self.staging.rename(self.target)
-            return
-        shutil.rmtree(self.staging, ignore_errors=True)
-        if out_of_space(error):
-            raise UserError(f"no space left while writing {self.target}; nothing was written") from None
-
-
-def out_of_space(error: BaseException | None) -> bool:
-    """Disk full, quota exceeded, or the file-size limit (ulimit -f) reached."""
-    codes = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-    if isinstance(error, OSError):
-        return error.errno in codes
-    # safetensors' Rust writer (used by save_pretrained) reports I/O errors as text: "... (os error 28)"
-    return type(error).__name__ == "SafetensorError" and any(f"(os error {code})" in str(error) for code in codes)

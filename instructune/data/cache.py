@@ -8,14 +8,17 @@ normalisation, special tokens), its chat template, the prompt template, max leng
 overlong and ENCODING_VERSION. Change any of them and the cache misses.
 
 The main process of each node tokenises first (with a progress bar) while the others wait, then
-they load its result; a folder appears only complete (written aside, then renamed), so a run killed
-while tokenising leaves nothing that a later run would take for a cache.
+they load its result; a folder appears only complete (each writer writes its own staging folder, fsync'd, then
+renames it; the first rename wins), so a run killed while tokenising leaves nothing that a later run would take for
+a cache. The cache is checked, not trusted: its marker records the row count and a hash of every file, and an
+entry that is damaged (truncated, garbage, altered token ids) is rebuilt with a warning.
 """
 
 import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from functools import partial
@@ -23,11 +26,13 @@ from pathlib import Path
 
 from instructune.data.encode import DataStats, encode_columns, examples_and_stats
 from instructune.data.formats import Conversation, Message
+from instructune.atomic import atomic_folder
 
 logger = logging.getLogger("instructune")
 
 # Bump when encode.py or templates.py change what an example is: old caches then miss.
 ENCODING_VERSION = 1
+MARKER = "complete"  # written last: settings, row count and each file's hash
 
 
 def default_cache_dir() -> Path:
@@ -50,15 +55,18 @@ def encode_cached(conversations: list[Conversation], tokenizer, template: str, m
     folder = Path(cache_dir or default_cache_dir()) / fingerprint(rows, tokenizer, settings)
     first = main_process_first(local=True, desc="tokenising") if main_process_first else contextlib.nullcontext()
     with first:
-        hit = (folder / "complete").exists()
+        columns = _load_checked(folder)
+        hit = columns is not None
         if not hit:
             started = time.perf_counter()
             _tokenise_into(folder, rows, tokenizer, settings, workers)
             logger.info("tokenised %d records in %.1f s (cache miss; saved in %s)", len(rows),
                         time.perf_counter() - started, folder)
+            columns = _load_checked(folder)
+            if columns is None:
+                raise RuntimeError(f"{folder}: the tokenised data just written does not read back")
         else:
             logger.info("tokenised data: cache hit (%s)", folder)
-        columns = _load_columns(folder)
     examples, stats = examples_and_stats(columns)
     return examples, stats, hit
 
@@ -106,23 +114,46 @@ def _encode_batch(batch: dict, tokenizer, settings: dict) -> dict:
 def _tokenise_into(folder: Path, rows: list[str], tokenizer, settings: dict, workers: int | None) -> None:
     import datasets
 
-    partial_folder = folder.with_name(f".{folder.name}.partial")
-    for leftover in (partial_folder, folder):  # a run killed while writing; a folder without its marker
-        shutil.rmtree(leftover, ignore_errors=True)
     dataset = datasets.Dataset.from_dict({"conversation": rows})
     encoded = dataset.map(partial(_encode_batch, tokenizer=tokenizer, settings=settings), batched=True,
                           batch_size=1000, num_proc=workers if workers and workers > 1 else None,
                           remove_columns=["conversation"], new_fingerprint=folder.name, desc="tokenising")
-    encoded.save_to_disk(str(partial_folder))
-    (partial_folder / "complete").write_text(json.dumps(settings) + "\n")
-    try:
-        partial_folder.rename(folder)
-    except OSError:  # another node's main process finished it first (a shared file system)
-        shutil.rmtree(partial_folder, ignore_errors=True)
+    with atomic_folder(folder, shared=True) as staging:  # another run may be writing the same entry
+        encoded.save_to_disk(str(staging))
+        files = {path.name: _file_hash(path) for path in sorted(staging.iterdir())}
+        (staging / MARKER).write_text(json.dumps({"settings": settings, "rows": len(encoded), "files": files}) + "\n")
 
 
-def _load_columns(folder: Path) -> dict[str, list]:
+def _file_hash(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _load_checked(folder: Path) -> dict[str, list] | None:
+    """The entry's columns, or None when there is none or it is damaged (then it is moved aside and removed)."""
     import datasets
 
-    table = datasets.load_from_disk(str(folder)).data
-    return {name: table.column(name).to_pylist() for name in ("input_ids", "labels", "length", "outcome")}
+    if not folder.exists():
+        return None
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+        files = {path.name for path in folder.iterdir()} - {MARKER}
+        if files != set(marker["files"]) or any(_file_hash(folder / name) != marker["files"][name] for name in files):
+            raise ValueError("its files differ from those it was written with")
+        table = datasets.load_from_disk(str(folder)).data
+        if table.num_rows != marker["rows"]:
+            raise ValueError(f"{table.num_rows} rows, {marker['rows']} written")
+        return {name: table.column(name).to_pylist() for name in ("input_ids", "labels", "length", "outcome")}
+    except FileNotFoundError as e:
+        if e.filename and Path(e.filename).name == MARKER:  # a folder without its marker: an older version's, or a torn one
+            reason = "no completion marker"
+        else:
+            reason = f"{type(e).__name__}: {e}"
+    except Exception as e:  # whatever a damaged arrow file, state.json or marker raises
+        reason = f"{type(e).__name__}: {e}"
+    logger.warning("tokenised data in %s is damaged (%s); tokenising again", folder, str(reason).splitlines()[0][:200])
+    aside = folder.with_name(f".{folder.name}.damaged-{os.getpid()}")
+    with contextlib.suppress(OSError):
+        folder.rename(aside)  # gone at once for every reader; another run may have moved it first
+        shutil.rmtree(aside, ignore_errors=True)
+    return None
