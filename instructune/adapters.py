@@ -14,6 +14,7 @@ tokenizer and the config's vocabulary size. Never into a quantised base: that re
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -93,41 +94,81 @@ def add_lora(model, model_args, new_token_ids: list[int], gradient_checkpointing
     return model
 
 
-def load_merged(adapter: str | Path, tokenizer, dtype=torch.float32, base: str | None = None):
-    """The adapter's base model (unquantised, resized to the adapter's tokenizer) with the adapter merged in; `base`
-    instead of the one the adapter's config names (a copy of it elsewhere)."""
-    from peft import PeftModel
-
-    base = base or json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = models.load_model(models.resolve_model_path(base), dtype=dtype)
-    added = len(tokenizer) - model.get_input_embeddings().weight.shape[0]
-    if added > 0:
-        models.resize_embeddings(model, tokenizer, added)
-    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-
-
-def merge(base: str | Path, adapter: str | Path, output: str | Path, max_shard_size: str = "5GB",
-          dtype: str | None = None) -> int:
-    """Write base + adapter as a full Hugging Face folder, tensor by tensor; returns the tensors merged."""
+def read_adapter(adapter: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json, {tensor name without peft's prefix: tensor}) of a plain LoRA adapter folder."""
     from safetensors import safe_open
 
-    from instructune.checkpoint.shard import write_model_folder
-    from instructune.tensorio import MODEL_FILES, TensorFolder
-
-    adapter = Path(adapter)
     if not is_adapter(adapter):
         raise UserError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
     config = json.loads((adapter / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("fan_in_fan_out"):
         raise UserError(f"{adapter}: only plain LoRA adapters merge here (this one: {config.get('peft_type')}"
                         f"{', DoRA' if config.get('use_dora') else ''}{', fan_in_fan_out' if config.get('fan_in_fan_out') else ''})")
-    scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
-    reader = TensorFolder(base)
     with safe_open(adapter / ADAPTER_WEIGHTS, framework="pt") as f:
         lora = {name.removeprefix(PREFIX): f.get_tensor(name) for name in f.keys()}
+    return config, lora
+
+
+def check_adapter(adapter: Path, config: dict, lora: dict, base: str, base_shapes: dict[str, tuple]) -> None:
+    """The adapter's weights fit `base` (every adapted weight there, of the shapes B·A adds to), have the rank its
+    config says, and belong to modules its target_modules name: merge and generate then agree, or neither runs."""
+    adapted = sorted(k.removesuffix(".lora_A.weight") for k in lora if k.endswith(".lora_A.weight"))
+    if not adapted:
+        raise UserError(f"{adapter}: {ADAPTER_WEIGHTS} holds no LoRA weights")
+    targets = config.get("target_modules")
+    for module in adapted:
+        if isinstance(targets, str):  # peft: a regular expression over the full name, or all-linear
+            targeted = targets == "all-linear" or re.fullmatch(targets, module)
+        else:  # peft: a module name or the end of one
+            targeted = any(module == t or module.endswith(f".{t}") for t in targets or [])
+        if not targeted:
+            raise UserError(f"{adapter}: adapts {module}, which its target_modules {targets} do not name")
+        name, a, b = f"{module}.weight", lora[f"{module}.lora_A.weight"], lora.get(f"{module}.lora_B.weight")
+        if name not in base_shapes:
+            raise UserError(f"{adapter}: adapts weights that {base} does not have: {name}")
+        rank = _per_module(config, "rank_pattern", module, config["r"])
+        out_features, in_features = base_shapes[name][:2]
+        if b is None or tuple(a.shape) != (rank, in_features) or tuple(b.shape) != (out_features, rank):
+            raise UserError(f"{adapter}: {module}'s LoRA weights are {tuple(a.shape)} and "
+                            f"{None if b is None else tuple(b.shape)}; rank {rank} (adapter_config.json) on {base}'s "
+                            f"{tuple(base_shapes[name])} weight needs {(rank, in_features)} and {(out_features, rank)}")
+
+
+def _per_module(config: dict, patterns: str, module: str, default):
+    """A module's own value from peft's rank_pattern or alpha_pattern (a key matching the name's end), else `default`."""
+    for pattern, value in (config.get(patterns) or {}).items():
+        if re.match(rf"(.*\.)?{pattern}$", module):
+            return value
+    return default
+
+
+def load_merged(adapter: str | Path, tokenizer, dtype=torch.float32, base: str | None = None):
+    """The adapter's base model (unquantised, resized to the adapter's tokenizer) with the adapter merged in; `base`
+    instead of the one the adapter's config names (a copy of it elsewhere). Checked against the base first."""
+    from peft import PeftModel
+
+    config, lora = read_adapter(Path(adapter))
+    base = base or config["base_model_name_or_path"]
+    model = models.load_model(models.resolve_model_path(base), dtype=dtype)
+    added = len(tokenizer) - model.get_input_embeddings().weight.shape[0]
+    if added > 0:
+        models.resize_embeddings(model, tokenizer, added)
+    check_adapter(Path(adapter), config, lora, base, {n: tuple(t.shape) for n, t in model.state_dict().items()})
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+
+
+def merge(base: str | Path, adapter: str | Path, output: str | Path, max_shard_size: str = "5GB",
+          dtype: str | None = None) -> int:
+    """Write base + adapter as a full Hugging Face folder, tensor by tensor; returns the tensors merged."""
+    from instructune.checkpoint.shard import write_model_folder
+    from instructune.tensorio import MODEL_FILES, TensorFolder
+
+    adapter = Path(adapter)
+    config, lora = read_adapter(adapter)
+    reader = TensorFolder(base)
+    check_adapter(adapter, config, lora, str(base), {name: info.shape for name, info in reader.tensors.items()})
     token_rows = _token_rows(config, lora)
-    adapted = {f"{k.removesuffix('.lora_A.weight')}.weight" for k in lora if k.endswith(".lora_A.weight")}
-    if missing := sorted((adapted | set(token_rows)) - set(reader.names())):  # a base of another shape: write nothing
+    if missing := sorted(set(token_rows) - set(reader.names())):  # a base of another shape: write nothing
         raise UserError(f"{adapter}: adapts weights that {base} does not have: {', '.join(missing[:3])}")
     vocabulary = _tokenizer_length(adapter)
     merged = set()
@@ -138,6 +179,9 @@ def merge(base: str | Path, adapter: str | Path, output: str | Path, max_shard_s
             module = name.removesuffix(".weight")
             if f"{module}.lora_A.weight" in lora:
                 a, b = lora[f"{module}.lora_A.weight"].float(), lora[f"{module}.lora_B.weight"].float()
+                rank = _per_module(config, "rank_pattern", module, config["r"])
+                alpha = _per_module(config, "alpha_pattern", module, config["lora_alpha"])
+                scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
                 weight = (weight.float() + scale * (b @ a)).to(weight.dtype)
                 merged.add(name)
             if name in embedding_names and vocabulary > weight.shape[0]:  # rows that training added, as it added them

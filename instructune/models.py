@@ -34,6 +34,18 @@ def load_tokenizer(path: str, model_max_length: int | None = None, cache_dir: st
     )
 
 
+def check_context(path: str, max_length: int, cache_dir: str | None = None, trust_remote_code: bool = False) -> None:
+    """Refuse a training length past the model's positions: learned position tables (OPT, GPT-2) fail with an index
+    error at the first long row, rotary ones (LLaMA) train silently on positions the model never had."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, cache_dir=cache_dir, trust_remote_code=trust_remote_code).get_text_config()
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions and max_length > positions:
+        raise UserError(f"--model_max_length {max_length}: longer than {path}'s context ({positions} positions, "
+                        f"max_position_embeddings in its config.json); give at most {positions}")
+
+
 def add_missing_special_tokens(tokenizer, pad_token: str) -> int:
     """Give the tokenizer an EOS and a pad token if it lacks them; returns how many tokens were added.
 

@@ -193,6 +193,7 @@ def load_config(model: str):
     """A model folder, a config.json, a shipped example (llama-2-7b, llama-2-13b, llama-2-70b), a built-in name or a
     hub id already in the local cache; never a download."""
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from instructune.models import resolve_model_path
 
@@ -200,9 +201,19 @@ def load_config(model: str):
     candidates = [Path(model), EXAMPLE_CONFIGS / f"{model}.json"]
     for path in candidates:
         if path.is_file():
-            values = json.loads(path.read_text())
+            try:
+                values = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+            if not isinstance(values, dict) or "model_type" not in values:
+                raise UserError(f"{path}: a model config is a JSON object with a model_type")
+            if values["model_type"] not in CONFIG_MAPPING:
+                raise UserError(f"{path}: model_type {values['model_type']!r} is no architecture that transformers knows")
             name = values.pop("_name_or_path", str(path))  # the examples name their hub id: the command uses it
-            config = AutoConfig.for_model(values.pop("model_type"), **values)
+            try:
+                config = AutoConfig.for_model(values.pop("model_type"), **values)
+            except Exception as e:  # the config class's own checks (a zero head count, a bad type)
+                raise UserError(f"{path}: not a valid config: {type(e).__name__}: {e}".splitlines()[0]) from None
             config._name_or_path = name
             return config
     try:
@@ -213,16 +224,28 @@ def load_config(model: str):
 
 
 def shape_of(model: str, lora_targets: list[str] | str = ("q_proj", "v_proj"), ranks: tuple[int, ...] = (8,)) -> Shape:
+    config = load_config(model)
+    try:
+        return _shape(model, config, lora_targets, ranks)
+    except UserError:
+        raise
+    except Exception as e:  # a config of no causal LM, or with sizes no model has (negative, zero)
+        raise UserError(f"--model {model}: no causal language model can be built from its config: "
+                        f"{type(e).__name__}: {e}".splitlines()[0]) from None
+
+
+def _shape(model: str, config, lora_targets, ranks) -> Shape:
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = load_config(model)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
+    layers = next(m for m in meta.modules() if isinstance(m, torch.nn.ModuleList))
     text = config.get_text_config()
     params = sum(p.numel() for p in meta.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in meta.modules())
-    layers = next(m for m in meta.modules() if isinstance(m, torch.nn.ModuleList))
+    if not len(layers) or params <= 0:
+        raise UserError(f"--model {model}: its config gives a model of {len(layers)} layers and {params} parameters")
     linears = [(name, m) for name, m in layers.named_modules() if isinstance(m, torch.nn.Linear)]
     names = [name for name, _ in linears]
     targeted = [m for name, m in linears if lora_targets == "all-linear" or name.rsplit(".", 1)[-1] in lora_targets]

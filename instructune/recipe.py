@@ -80,6 +80,8 @@ def train(
 
     # 2. Tokenizer, with the pad and EOS tokens that training needs; then the examples (tokenised once, cached).
     model_path = models.resolve_model_path(model_args.model_name_or_path)
+    models.check_context(model_path, training_args.model_max_length, training_args.cache_dir,
+                         model_args.trust_remote_code)
     tokenizer = models.load_tokenizer(
         model_path, training_args.model_max_length, training_args.cache_dir, model_args.trust_remote_code
     )

@@ -113,8 +113,8 @@ def test_mixing_sizes_are_exact_reproducible_and_logged(tmp_path):
     assert mix.sources == {str(SAMPLE_DATA): len(sample), str(other): 10, str(tmp_path / "share.json"): 1}
     assert [c.source for c in load_mix(specs, seed=1).conversations] == [c.source for c in mix.conversations]
     assert [c.source for c in load_mix(specs, seed=2).conversations] != [c.source for c in mix.conversations]
-    assert parse_datasets(json.dumps([f"{other}:10", {"path": str(other), "size": "5%", "format": "alpaca"}])) == [
-        DatasetSpec(str(other), "10"), DatasetSpec(str(other), "5%", "alpaca")]
+    assert parse_datasets(json.dumps([f"{other}:10", {"path": str(SAMPLE_DATA), "size": "5%", "format": "alpaca"}])) == [
+        DatasetSpec(str(other), "10"), DatasetSpec(str(SAMPLE_DATA), "5%", "alpaca")]
     with pytest.raises(DataError, match=f"^{other}: 41 records asked for, but it has 40 usable ones$"):
         load_mix(parse_datasets(f"{other}:41"))
     with pytest.raises(DataError, match="expected PATH, PATH:all, PATH:COUNT or PATH:PERCENT%"):

@@ -40,6 +40,15 @@ def run(command: Callable[[], int]) -> int:
     return code
 
 
+def check_ranges(checks: list[tuple[str, float, float, float]]) -> None:
+    """Each (flag, value, least, most): a value outside [least, most] (or NaN) is one line naming the flag."""
+    from instructune.errors import ConfigError
+
+    for flag, value, least, most in checks:
+        if not least <= value <= most:
+            raise ConfigError(f"{flag} {value:.10g}: must be between {least:.10g} and {most:.10g}")
+
+
 def add_client_flags(parser, requests: str, timeout: float) -> None:
     """The judge endpoint's flags, shared by `data filter` and `judge` (read by client_from_flags)."""
     parser.add_argument("--api_key_env", default="OPENAI_API_KEY", help="the environment variable holding the API key")
@@ -53,13 +62,10 @@ def client_from_flags(args, url: str, model: str, cache, **params):
     """A ChatClient from add_client_flags' flags, each checked."""
     import os
 
-    from instructune.errors import ConfigError
     from instructune.inference.client import ChatClient
 
-    for flag, value, least in (("--concurrency", args.concurrency, 1), ("--retries", args.retries, 0),
-                               ("--timeout", args.timeout, 0.001)):
-        if not value >= least:  # NaN too
-            raise ConfigError(f"{flag} {value:g}: must be at least {least:g}")
+    check_ranges([("--concurrency", args.concurrency, 1, 4096), ("--retries", args.retries, 0, 100),
+                  ("--timeout", args.timeout, 0.001, 86400)])
     return ChatClient(url, model, os.environ.get(args.api_key_env), args.concurrency, args.retries, args.timeout,
                       cache=cache, **params)
 

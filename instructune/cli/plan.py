@@ -3,6 +3,8 @@ that fits, and the command line that runs it; from the model's config only (noth
 
 import argparse
 
+from instructune.cli import check_ranges
+
 HELP = "will it fit? memory per GPU of every strategy (DDP, ZeRO, FSDP, offload, LoRA, QLoRA) and the command to run"
 
 
@@ -30,6 +32,11 @@ def main(argv: list[str]) -> int:
                         help="fraction of positions with a target (logits are kept only there); 1 is the safe bound")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON: one object per option")
     args = parser.parse_args(argv)
+    check_ranges([("--gpus", args.gpus, 1, 1 << 20), ("--nodes", args.nodes, 1, 1 << 20),
+                  ("--gpu_mem", args.gpu_mem, 0.01, 1 << 20), ("--cpu_mem", args.cpu_mem, 0.01, 1 << 30),
+                  ("--seq_len", args.seq_len, 1, 1 << 24), ("--micro_batch", args.micro_batch, 1, 1 << 16),
+                  ("--lora_r", args.lora_r, 0, 1 << 16), ("--runtime_overhead", args.runtime_overhead or 0, 0, 1 << 20),
+                  ("--headroom", args.headroom, 0, 0.99), ("--target_fraction", args.target_fraction, 0.001, 1)])
 
     from instructune.adapters import target_modules
     from instructune.plan import GIB, Hardware, Workload, choose, command_for, plan, shape_of, table, to_json

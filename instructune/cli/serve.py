@@ -11,7 +11,7 @@ logger = logging.getLogger("instructune")
 
 
 def main(argv: list[str]) -> int:
-    from instructune.serve.app import Limits
+    from instructune.serve.app import Limits, is_loopback
 
     defaults = Limits()
     parser = argparse.ArgumentParser(prog="instructune serve", description="Serve a model over OpenAI's API "
@@ -34,6 +34,9 @@ def main(argv: list[str]) -> int:
                         help="requests in hand (waiting or running) before new ones get 429")
     parser.add_argument("--batch_wait_ms", type=float, default=defaults.batch_wait_ms,
                         help="how long a request that finds the model idle waits for others to join its batch")
+    parser.add_argument("--shutdown_grace_s", type=float, default=30,
+                        help="on SIGTERM or Ctrl-C: stop accepting, let requests in hand finish for this long, cancel "
+                        "what is left, exit 0")
     args = parser.parse_args(argv)
 
     from instructune.errors import UserError
@@ -43,8 +46,11 @@ def main(argv: list[str]) -> int:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise UserError(f"--api_key_env {args.api_key_env}: that environment variable is empty or not set")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    loopback = is_loopback(args.host)
+    if not loopback and not api_key:
         logger.warning("serving on %s without an API key: anyone who can reach this port can use the model", args.host)
+
+    import signal
 
     import uvicorn
 
@@ -53,9 +59,15 @@ def main(argv: list[str]) -> int:
 
     engine = load(args.model, args.adapter, args.prompt_template, args.served_model_name)
     limits = Limits(args.max_batch_size, args.max_tokens_limit, args.max_request_bytes, args.max_queue, args.batch_wait_ms,
-                    api_key)
+                    api_key, loopback_only=loopback)
     app = create_app(engine, limits)
     logger.info("serving %s (%s template, context %d) on http://%s:%d: chat page at /, API at /v1", engine.name,
                 engine.template, engine.context_length, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # uvicorn drains on SIGTERM/SIGINT (stops accepting, waits up to the grace time, cancels the rest), then raises
+    # the signal again with the handlers it found: these, so that a drained server exits 0.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.shutdown_grace_s)
+    app.state.batcher.stop()
+    logger.info("stopped: requests in hand were finished or cancelled")
     return 0

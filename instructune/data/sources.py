@@ -40,7 +40,12 @@ SIZE = re.compile(r"all|\d+%?|\d+\.\d+%")
 
 def parse_datasets(value: str) -> list[DatasetSpec]:
     """'a.json:all,b.jsonl:1000,c.jsonl:10%' or a JSON list of such strings or of {path, size, format} objects."""
-    items = json.loads(value) if value.lstrip().startswith("[") else [v for v in value.split(",") if v.strip()]
+    try:
+        items = json.loads(value) if value.lstrip().startswith("[") else [v for v in value.split(",") if v.strip()]
+    except json.JSONDecodeError as e:
+        raise DataError(f"--datasets {value[:60]!r}: not a JSON list ({e.msg} at character {e.pos})") from None
+    if not isinstance(items, list):
+        raise DataError(f"--datasets {value[:60]!r}: expected a list of datasets")
     specs = []
     for item in items:
         if isinstance(item, dict):
@@ -54,6 +59,9 @@ def parse_datasets(value: str) -> list[DatasetSpec]:
             raise DataError(f"--datasets {item!r}: expected PATH, PATH:all, PATH:COUNT or PATH:PERCENT%")
         if spec.format is not None and spec.format not in FORMATS:
             raise DataError(f"--datasets {spec.path}: unknown format {spec.format!r}; choose one of {', '.join(FORMATS)}")
+        if any(Path(spec.path).resolve() == Path(earlier.path).resolve() for earlier in specs):
+            raise DataError(f"--datasets: {spec.path} is given twice; name each dataset once (its size says how much "
+                            "of it to take)")
         specs.append(spec)
     if not specs:
         raise DataError("--datasets: no dataset given")
@@ -96,6 +104,9 @@ def _sample(conversations: list[Conversation], spec: DatasetSpec, seed: int) -> 
     count = round(float(spec.size[:-1]) / 100 * len(conversations)) if spec.size.endswith("%") else int(spec.size)
     if count > len(conversations):
         raise DataError(f"{spec.path}: {spec.size} records asked for, but it has {len(conversations)} usable ones")
+    if count == 0:
+        raise DataError(f"{spec.path}: {spec.size} of its {len(conversations)} usable records is none; ask for more or "
+                        "leave it out of --datasets")
     chosen = sorted(random.Random(f"{seed}:{spec.path}").sample(range(len(conversations)), count))
     return [conversations[i] for i in chosen]
 

@@ -93,6 +93,11 @@ class Engine:
         text = render_prompt(template, turns if alpaca else messages, self.tokenizer)
         return self.tokenizer(text, add_special_tokens=template_adds_special_tokens(template))["input_ids"]
 
+    @property
+    def vocabulary_size(self) -> int:
+        """Token ids the model has embeddings for: a prompt of ids must stay below it."""
+        return self.model.get_input_embeddings().num_embeddings
+
     def text_ids(self, text: str) -> list[int]:
         """A raw text prompt (completions): the tokenizer's own special tokens added, as vLLM does."""
         return self.tokenizer(text)["input_ids"]
@@ -185,6 +190,7 @@ class PerRequestSampler(LogitsProcessor):
                 ordered, order = torch.sort(logits, descending=True)
                 probabilities = torch.softmax(ordered, dim=-1)
                 drop = probabilities.cumsum(-1) - probabilities >= sampling.top_p  # keep the first token past top_p
+                drop[0] = False  # the likeliest always stays (a top_p that rounds to 0 in float32 would drop it)
                 logits[order[drop]] = -float("inf")
             token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).item()
             scores[i] = -float("inf")

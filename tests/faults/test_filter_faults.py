@@ -61,7 +61,7 @@ def test_client_flags_out_of_range_are_one_line(tmp_path, capsys, flag, value):
     data = records(tmp_path / "in.json", "a")
     assert main(["data", "filter", str(data), "--output", str(tmp_path / "o.json"), "--judge_url", "http://127.0.0.1:9",
                  "--judge_model", "j", flag, value]) == 2
-    assert last_error(capsys).startswith(f"error: {flag} {value}: must be at least")
+    assert last_error(capsys).startswith(f"error: {flag} {value}: must be between")
 
 
 def test_retry_after_values_are_read_or_ignored():

@@ -1,0 +1,239 @@
+"""One request's failure is that request's alone (#20 §2): values that used to raise inside the model thread (and
+fail every request batched with them) are 400s; a batch that fails anyway fails only its failing row, and a stream so
+failed ends with an error event and [DONE]; bodies are counted while read; stop lists are bounded; a non-streamed
+request whose client leaves frees its row; web pages cannot reach the server (JSON bodies only, loopback Host names);
+404/405 come in OpenAI's shape; SIGTERM drains and exits 0. A tiny model served in-process on 127.0.0.1, except for
+the signal test (the real command, with the built-in SmolLM2)."""
+
+import dataclasses
+import http.client
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import uvicorn
+
+from instructune.inference.engine import Engine, load
+from instructune.serve.app import Limits, create_app
+
+from conftest import PYTHON, REPO
+
+POISON = 42  # a prompt holding this token id fails inside the model (the test's stand-in for a row that breaks)
+
+
+@dataclasses.dataclass
+class Spied(Engine):
+    """The engine, slowed a little per forward (so that requests can be caught in flight), failing any batch that
+    holds a poisoned prompt, and keeping what each generate call returned."""
+
+    calls: list = dataclasses.field(default_factory=list)
+
+    def generate(self, requests):
+        if any(POISON in r.prompt_ids for r in requests):
+            raise RuntimeError("a poisoned row")
+        completions = super().generate(requests)
+        self.calls.append(completions)
+        return completions
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama):
+    engine = load(str(tiny_llama))
+    engine = Spied(engine.model, engine.tokenizer, "tiny", engine.template, engine.context_length)
+    engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.003))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    limits = Limits(max_batch_size=8, max_tokens=400, max_request_bytes=100_000, batch_wait_ms=300)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, limits), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield port, engine
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def call(port, method, path, body=None, headers=None):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    sent = {"Content-Type": "application/json", **(headers or {})}
+    connection.request(method, path, body=json.dumps(body) if isinstance(body, (dict, list)) else body, headers=sent)
+    response = connection.getresponse()
+    status, raw = response.status, response.read()
+    connection.close()
+    return status, raw
+
+
+def completion(prompt, **extra):
+    return {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0} | extra
+
+
+def events_of(raw: bytes) -> list:
+    return [line.removeprefix("data: ") for line in raw.decode().split("\n\n") if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"seed": 2**64}, "seed"), ({"seed": -(2**63) - 1}, "seed"), ({"temperature": 1e-320}, "temperature"),
+    ({"prompt": [1, 5, -1]}, "prompt"), ({"prompt": [1, 5, 600]}, "prompt"), ({"prompt": [[1, 5], [1, 10**9]]}, "prompt"),
+    ({"stop": [str(i) for i in range(5)]}, "stop"), ({"stop": "x" * 257}, "stop"),
+])
+def test_values_that_would_fail_inside_the_model_are_400s(served, extra, param):
+    """Seen: these passed validation and raised in the model thread, failing every request batched with them."""
+    port, _ = served
+    status, raw = call(port, "POST", "/v1/completions", completion([1, 5, 6]) | extra)
+    error = json.loads(raw)["error"]
+    assert status == 400 and error["type"] == "invalid_request_error", raw
+    assert error["param"] == param or error["param"].startswith(param), error
+    assert call(port, "POST", "/v1/completions", completion([1, 5, 6]))[0] == 200  # and the server keeps serving
+
+
+def test_a_vanishing_top_p_samples_the_likeliest_token(served):
+    """Seen: top_p 1e-300 rounded to 0 in float32, dropped every token and failed the batch; it means greedy."""
+    port, _ = served
+    greedy = json.loads(call(port, "POST", "/v1/completions", completion([1, 5, 6]))[1])["choices"][0]["text"]
+    status, raw = call(port, "POST", "/v1/completions", completion([1, 5, 6], temperature=1.0, top_p=1e-300, seed=3))
+    assert status == 200 and json.loads(raw)["choices"][0]["text"] == greedy
+
+
+def test_a_failing_row_fails_alone_and_its_stream_ends_with_an_error_and_done(served):
+    """Seen: one bad row gave every request batched with it a 500, and a co-batched stream ended after its role chunk
+    with no error and no [DONE]."""
+    port, engine = served
+    chat = {"model": "tiny", "max_tokens": 8, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "Say hi."}]}
+    requests = [("/v1/completions", completion([1, 5, 6])), ("/v1/completions", completion([1, POISON, 6])),
+                ("/v1/completions", completion([1, POISON], stream=True)), ("/v1/chat/completions", chat),
+                ("/v1/completions", completion([1, 100, 200, 300], temperature=1.0, seed=7))]
+    alone = [call(port, "POST", *request) for request in requests]
+    batches = len(engine.calls)
+    with ThreadPoolExecutor(len(requests)) as pool:  # all within one batch_wait_ms: one batch
+        together = list(pool.map(lambda request: call(port, "POST", *request), requests))
+    assert [status for status, _ in together] == [200, 500, 200, 200, 200]
+    assert len(engine.calls) - batches == 3  # the batch failed; its good rows were generated again one at a time
+
+    def answer(raw: bytes) -> str:
+        return json.loads(raw)["choices"][0]["text"]
+
+    def streamed(raw: bytes) -> str:
+        return "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events_of(raw)[:-1])
+
+    assert answer(together[0][1]) == answer(alone[0][1]) and answer(together[4][1]) == answer(alone[4][1])
+    assert streamed(together[3][1]) == streamed(alone[3][1]) and events_of(together[3][1])[-1] == "[DONE]"
+    assert json.loads(together[1][1])["error"]["message"] == "generation failed: a poisoned row"
+    poisoned = events_of(together[2][1])
+    assert json.loads(poisoned[-2])["error"]["message"] == "generation failed: a poisoned row"
+    assert poisoned[-1] == "[DONE]"
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit(served):
+    """Seen: a chunked body (no Content-Length) was read whole (300 MB, RSS +535 MB) before the limit applied."""
+    port, _ = served
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk, sent = b"x" * 65536, 0
+        while sent < 50_000_000:
+            try:
+                client.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+            if select.select([client], [], [], 0)[0]:
+                break
+        reply = client.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert sent < 5_000_000  # refused after about the limit (100 KB), not after the whole body
+    assert b"at most 100000 bytes" in reply
+
+
+def test_a_non_streamed_request_whose_client_leaves_frees_its_row(served):
+    """Seen: it generated to its full budget after the client had gone."""
+    port, engine = served
+    body = json.dumps(completion([1, 100, 200, 300], max_tokens=300)).encode()
+    full = len(engine.calls)
+    assert call(port, "POST", "/v1/completions", body)[0] == 200
+    assert len(engine.calls[full][0].token_ids) == 300  # left alone, it runs to its budget
+    before = len(engine.calls)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(0.4)  # generating by now
+    deadline = time.time() + 30
+    while len(engine.calls) == before and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(engine.calls[before][0].token_ids) < 300
+
+
+def test_web_pages_cannot_reach_the_server(served):
+    """Seen: without an API key any web page could use it, by DNS rebinding (no Host check) or with a text/plain body
+    (which needs no CORS preflight)."""
+    port, _ = served
+    status, raw = call(port, "POST", "/v1/completions", json.dumps(completion([1, 5])), {"Content-Type": "text/plain"})
+    assert status == 415 and "application/json" in json.loads(raw)["error"]["message"]
+    for path in ("/", "/v1/models"):
+        status, raw = call(port, "GET", path, headers={"Host": f"rebound.example.com:{port}"})
+        assert status == 403 and json.loads(raw)["error"]["code"] == "host_not_allowed"
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
+        assert call(port, "GET", "/v1/models", headers={"Host": host})[0] == 200
+
+
+def test_404_and_405_come_in_openais_shape(served):
+    port, _ = served
+    status, raw = call(port, "GET", "/v1/nothing-here")
+    assert status == 404 and json.loads(raw)["error"]["message"] == "Not Found"
+    status, raw = call(port, "GET", "/v1/completions")
+    assert status == 405 and json.loads(raw)["error"]["message"] == "Method Not Allowed"
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_what_is_in_hand_then_exits_0(smollm2):
+    """Seen: SIGTERM ended the server with what was in hand cut off. Now: no new connections, the running request
+    finishes (its stream ends with [DONE]) and the process exits 0; past the grace time, what is left is cancelled."""
+    for grace, max_tokens, finishes in ((30, 24, True), (1, 400, False)):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        process = subprocess.Popen(
+            [PYTHON, "-m", "instructune.cli", "serve", "--model", str(smollm2), "--port", str(port),
+             "--shutdown_grace_s", str(grace), "--max_tokens_limit", "512"], cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "2"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.time() + 180
+            while time.time() < deadline:
+                try:
+                    if call(port, "GET", "/v1/models")[0] == 200:
+                        break
+                except OSError:
+                    time.sleep(0.5)
+                assert process.poll() is None, process.stdout.read()
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            connection.request("POST", "/v1/chat/completions", json.dumps({
+                "model": "smollm2-135m", "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "messages": [{"role": "user", "content": "Write a long story about a cat."}]}),
+                {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            assert response.readline().startswith(b"data: ")  # the role chunk: the request is in hand
+            sent_at = time.time()
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            with pytest.raises(OSError):  # no longer accepting
+                call(port, "GET", "/v1/models")
+            try:
+                rest = response.read()
+            except http.client.IncompleteRead as e:  # cancelled at the grace time
+                rest = e.partial
+            assert process.wait(timeout=grace + 30) == 0, process.stdout.read()
+            assert time.time() - sent_at < grace + 15
+            assert rest.rstrip().endswith(b"data: [DONE]") == finishes, rest[-300:]
+        finally:
+            process.kill()
+            process.wait()
