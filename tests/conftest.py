@@ -99,6 +99,37 @@ def run_command(args: list[str], timeout: int = 600, cwd: Path = REPO, **env) ->
 PYTHON = sys.executable
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_server(model, *flags, **env) -> tuple[subprocess.Popen, int]:
+    """`instructune serve --model MODEL FLAGS` on a free port of 127.0.0.1, once its page answers: (process, port)."""
+    import http.client
+    import time
+
+    port = free_port()
+    process = subprocess.Popen([PYTHON, "-m", "instructune.cli", "serve", "--model", str(model), "--port", str(port),
+                                *flags], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "2", **env},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("GET", "/")
+            if connection.getresponse().status == 200:
+                return process, port
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    pytest.fail("the server did not come up in 180 s")
+
+
 def assert_same_tensors(got: dict, expected: dict, tolerance: float = 0.0) -> None:
     """Same non-empty set of names, and every tensor equal (bitwise, or within `tolerance`)."""
     import torch

@@ -4,7 +4,6 @@ import json
 import re
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from instructune.inference.engine import Sampling, answer, load

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from instructune.checkpoint import resume
 
-from conftest import PYTHON, REPO, assert_same_tensors, run_command
+from conftest import PYTHON, REPO, assert_same_tensors
 from test_train import tiny_run_flags
 
 

@@ -5,17 +5,14 @@ in headless Chromium (a screenshot is kept in test-artifacts/)."""
 
 import http.client
 import json
-import os
 import shutil
-import socket
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, run_command, write_mc_task
+from conftest import PYTHON, REPO, launch_server, run_command, write_mc_task
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-123"
@@ -24,24 +21,8 @@ ARTIFACTS = REPO / "test-artifacts"
 
 @pytest.fixture(scope="module")
 def server(smollm2):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen(
-        [PYTHON, "-m", "instructune.cli", "serve", "--model", str(smollm2), "--port", str(port), "--api_key_env",
-         "SERVE_TEST_KEY", "--max_request_bytes", "100000", "--max_tokens_limit", "64", "--max_batch_size", "16"],
-        env={**os.environ, "SERVE_TEST_KEY": KEY, "OMP_NUM_THREADS": "2"}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if call(port, "GET", "/v1/models")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-        assert process.poll() is None, process.stdout.read()
-    else:
-        pytest.fail("the server did not come up in 180 s")
+    process, port = launch_server(smollm2, "--api_key_env", "SERVE_TEST_KEY", "--max_request_bytes", "100000",
+                                  "--max_tokens_limit", "64", "--max_batch_size", "16", SERVE_TEST_KEY=KEY)
     yield port
     process.terminate()
     process.wait(timeout=30)

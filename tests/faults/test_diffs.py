@@ -4,8 +4,6 @@ import json
 import logging
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from instructune import diff
 from instructune.errors import UserError

@@ -8,11 +8,9 @@ the signal test (the real command, with the built-in SmolLM2)."""
 import dataclasses
 import http.client
 import json
-import os
 import select
 import signal
 import socket
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +21,7 @@ import uvicorn
 from instructune.inference.engine import Engine, load
 from instructune.serve.app import Limits, create_app
 
-from conftest import PYTHON, REPO
+from conftest import free_port, launch_server
 
 POISON = 42  # a prompt holding this token id fails inside the model (the test's stand-in for a row that breaks)
 
@@ -48,9 +46,7 @@ def served(tiny_llama):
     engine = load(str(tiny_llama))
     engine = Spied(engine.model, engine.tokenizer, "tiny", engine.template, engine.context_length)
     engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.003))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     limits = Limits(max_batch_size=8, max_tokens=400, max_request_bytes=100_000, batch_wait_ms=300)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, limits), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -199,22 +195,8 @@ def test_sigterm_finishes_what_is_in_hand_then_exits_0(smollm2):
     """Seen: SIGTERM ended the server with what was in hand cut off. Now: no new connections, the running request
     finishes (its stream ends with [DONE]) and the process exits 0; past the grace time, what is left is cancelled."""
     for grace, max_tokens, finishes in ((30, 24, True), (1, 400, False)):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        process = subprocess.Popen(
-            [PYTHON, "-m", "instructune.cli", "serve", "--model", str(smollm2), "--port", str(port),
-             "--shutdown_grace_s", str(grace), "--max_tokens_limit", "512"], cwd=REPO,
-            env={**os.environ, "OMP_NUM_THREADS": "2"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        process, port = launch_server(smollm2, "--shutdown_grace_s", str(grace), "--max_tokens_limit", "512")
         try:
-            deadline = time.time() + 180
-            while time.time() < deadline:
-                try:
-                    if call(port, "GET", "/v1/models")[0] == 200:
-                        break
-                except OSError:
-                    time.sleep(0.5)
-                assert process.poll() is None, process.stdout.read()
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
             connection.request("POST", "/v1/chat/completions", json.dumps({
                 "model": "smollm2-135m", "max_tokens": max_tokens, "temperature": 0, "stream": True,
