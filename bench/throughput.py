@@ -125,7 +125,7 @@ def main() -> None:
         sys.exit(f"skipped: {DATA} is absent (the shared data folder is not beside the repo)")
     torch.manual_seed(0)
     model_path = str(builtin_model_path("smollm2-135m"))
-    tokenizer = models.load_tokenizer(model_path, options.max_length)
+    tokenizer = models.load_tokenizer(model_path)
     models.add_missing_special_tokens(tokenizer, "[PAD]")
     records = json.loads(DATA.read_text())
     conversations = load_mix([DatasetSpec(str(DATA))], dedup=False).conversations  # Alpaca keeps duplicates too

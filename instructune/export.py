@@ -80,6 +80,7 @@ def save_model_folder(trainer, metrics: dict, data_stats: DataStats, speed: dict
     summary = {
         "metrics": metrics,
         "prompt_template": prompt_template,  # generate and serve build prompts with it
+        "model_max_length": trainer.args.model_max_length,  # the training length (serving uses the model's context)
         "world_size": trainer.args.world_size,
         "strategy": training_strategy(trainer),
         "model_wrapper": type(trainer.model_wrapped).__name__,

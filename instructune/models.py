@@ -25,13 +25,10 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_tokenizer(path: str, model_max_length: int | None = None, cache_dir: str | None = None,
-                   trust_remote_code: bool = False):
-    """Right padding for training; `model_max_length` None keeps the tokenizer's own."""
-    limit = {"model_max_length": model_max_length} if model_max_length else {}
-    return AutoTokenizer.from_pretrained(
-        path, padding_side="right", cache_dir=cache_dir, trust_remote_code=trust_remote_code, **limit
-    )
+def load_tokenizer(path: str, cache_dir: str | None = None, trust_remote_code: bool = False):
+    """Right padding for training."""
+    return AutoTokenizer.from_pretrained(path, padding_side="right", cache_dir=cache_dir,
+                                         trust_remote_code=trust_remote_code)
 
 
 def check_context(path: str, max_length: int, cache_dir: str | None = None, trust_remote_code: bool = False) -> None:

@@ -82,9 +82,10 @@ def train(
     model_path = models.resolve_model_path(model_args.model_name_or_path)
     models.check_context(model_path, training_args.model_max_length, training_args.cache_dir,
                          model_args.trust_remote_code)
-    tokenizer = models.load_tokenizer(
-        model_path, training_args.model_max_length, training_args.cache_dir, model_args.trust_remote_code
-    )
+    # The tokenizer keeps its own limit (saved with the model, read by serving): the training length is a setting of
+    # this run, given to the encoder and kept in the run summary.
+    tokenizer = models.load_tokenizer(model_path, cache_dir=training_args.cache_dir,
+                                      trust_remote_code=model_args.trust_remote_code)
     num_new_tokens = models.add_missing_special_tokens(tokenizer, model_args.pad_token)
     examples, stats, _ = encode_cached(
         mix.conversations,

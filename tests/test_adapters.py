@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from instructune import models
 from instructune.cli import main
 
-from conftest import PYTHON, run_command, training_loss
+from conftest import PYTHON, assert_same_tensors, run_command, training_loss
 from test_train import tiny_run_flags
 
 PROBE = "Below is an instruction that describes a task. Write a response.\n\n### Instruction:\nSay hi.\n\n### Response:"
@@ -88,7 +88,7 @@ def test_lora_trains_only_adapters_reloads_and_merges_to_the_same_logits(model_f
                           str(output_dir), "--output", str(tmp_path / "merged-later")])
     assert result.returncode == 0, result.stderr[-2000:]
     later = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-later", dtype=torch.float32)
-    assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), later.state_dict().values()))
+    assert_same_tensors(later.state_dict(), merged.state_dict())
     from instructune.inference.engine import load
 
     torch.testing.assert_close(logits_of(load(str(output_dir)).model, tokenizer), snapshot.logits, rtol=0, atol=1e-5)

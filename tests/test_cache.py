@@ -16,7 +16,7 @@ from test_train import tiny_run_flags
 
 
 def tokenizer(path):
-    loaded = models.load_tokenizer(str(path), 512)
+    loaded = models.load_tokenizer(str(path))
     models.add_missing_special_tokens(loaded, "[PAD]")
     return loaded
 

@@ -158,8 +158,22 @@ def test_two_nodes_on_loopback(ddp_weights, tiny_llama, tmp_path):
     assert max_difference(weights(tmp_path / "out"), ddp_weights["llama"]) < 1e-5
 
 
-def test_slurm_script_is_valid_bash():
-    assert run_command(["bash", "-n", "scripts/train.slurm"]).returncode == 0
+def test_the_slurm_script_trains_the_ddp_model(ddp_weights, tiny_llama, tmp_path):
+    """scripts/train.slurm as sbatch runs it, on a one-node allocation of 2 processes (stand-ins for scontrol and
+    srun on PATH): its torchrun line trains the DDP model."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, body in (("scontrol", "echo 127.0.0.1"), ("srun", 'exec "$@"')):
+        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
+        (stubs / name).chmod(0o755)
+
+    def slurm(script, *args):
+        return run_command(["bash", "scripts/train.slurm", *args], PATH=f"{stubs}:{os.environ['PATH']}", SLURM_NNODES="1",
+                           SLURM_JOB_ID="42", SLURM_JOB_NODELIST="node-1", GPUS_PER_NODE="2", PYTHON=PYTHON,
+                           MASTER_PORT=str(next(_ports)))
+
+    train_with(tiny_llama, tmp_path / "out", launcher=slurm)
+    assert max_difference(weights(tmp_path / "out"), ddp_weights["llama"]) < 1e-5
 
 
 def test_padding_free_under_fsdp_trains_the_ddp_model(ddp_weights, tiny_llama, tmp_path):

@@ -13,7 +13,7 @@ from conftest import SAMPLE_DATA
 
 
 def _tokenizer(path, pad_token="[PAD]"):
-    tokenizer = models.load_tokenizer(str(path), model_max_length=512)
+    tokenizer = models.load_tokenizer(str(path))
     models.add_missing_special_tokens(tokenizer, pad_token)
     return tokenizer
 
@@ -79,7 +79,7 @@ def test_overlong_records_are_truncated_or_dropped(tiny_llama):
 
 
 def test_pad_token_is_added_with_mean_rows_or_reused(tiny_llama, tiny_opt):
-    tokenizer = models.load_tokenizer(str(tiny_llama), 512)
+    tokenizer = models.load_tokenizer(str(tiny_llama))
     before = models.load_model(str(tiny_llama))
     old_rows = before.get_input_embeddings().weight.shape[0]
     added = models.add_missing_special_tokens(tokenizer, "[PAD]")
@@ -89,9 +89,9 @@ def test_pad_token_is_added_with_mean_rows_or_reused(tiny_llama, tiny_opt):
         assert weight.shape[0] == old_rows + 1
         torch.testing.assert_close(weight[-1], weight[:-1].mean(0), rtol=0, atol=1e-7)
 
-    reused = models.load_tokenizer(str(tiny_llama), 512)
+    reused = models.load_tokenizer(str(tiny_llama))
     assert models.add_missing_special_tokens(reused, "<unk>") == 0
     assert reused.pad_token == "<unk>" and len(reused) == old_rows
 
-    opt_tokenizer = models.load_tokenizer(str(tiny_opt), 512)  # has <pad>: nothing to add
+    opt_tokenizer = models.load_tokenizer(str(tiny_opt))  # has <pad>: nothing to add
     assert models.add_missing_special_tokens(opt_tokenizer, "[PAD]") == 0 and opt_tokenizer.pad_token == "<pad>"

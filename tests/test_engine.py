@@ -152,3 +152,19 @@ def test_generate_command_one_interactive_and_a_file(tiny_llama, engine, tmp_pat
     failed = run_command(base + ["--input_file", str(bad), "--output_file", str(tmp_path / "never.jsonl")])
     assert failed.returncode == 2 and "bad.jsonl: line 2: fits no known prompt format" in failed.stderr
     assert not list(tmp_path.glob("never.jsonl*"))
+
+
+@pytest.mark.slow
+def test_a_model_fine_tuned_on_short_examples_serves_its_whole_context(tiny_llama, tmp_path):
+    """Seen: the tokenizer was saved with the training length (128 here) and the engine served at that: an 8K model
+    fine-tuned at 512 refused prompts over 512 tokens. The context is the model's; the training length is the run's."""
+    from instructune.cli import main
+    from test_train import tiny_run_flags
+
+    flags = tiny_run_flags(tiny_llama, tmp_path / "out", steps=1)
+    flags[flags.index("--model_max_length") + 1] = "128"
+    assert main(["train", *flags]) == 0
+    engine = load(str(tmp_path / "out"))
+    assert engine.context_length == 512 and engine.tokenizer.model_max_length != 128
+    assert json.loads((tmp_path / "out" / "train_results.json").read_text())["model_max_length"] == 128
+    engine.check_fits(list(range(300)))  # a prompt longer than the training length is served

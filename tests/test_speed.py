@@ -20,7 +20,7 @@ from test_train import tiny_run_flags
 
 
 def meter_and_examples(model_path, count=6):
-    tokenizer = models.load_tokenizer(str(model_path), 256)
+    tokenizer = models.load_tokenizer(str(model_path))
     models.add_missing_special_tokens(tokenizer, "[PAD]")
     examples, _ = encode_conversations(load_conversations(str(SAMPLE_DATA))[:count], tokenizer, "alpaca", 256)
     model = models.load_model(str(model_path))

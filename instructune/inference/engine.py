@@ -288,9 +288,10 @@ def load(name_or_path: str, adapter: str | None = None, template: str = "auto", 
 
 
 def wrap(model, tokenizer, template: str = "alpaca", name: str = "model") -> Engine:
-    """An engine around a model already in memory."""
-    limits = [getattr(model.config, "max_position_embeddings", None), tokenizer.model_max_length]
-    context = min(int(limit) for limit in limits if limit)  # a tokenizer saved without a limit says 1e30
+    """An engine around a model already in memory, at the model's own context (its positions; the tokenizer's limit
+    only for a model whose config has none): a model fine-tuned on shorter examples still serves its whole context."""
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    context = int(positions or min(tokenizer.model_max_length, 1 << 20))  # a tokenizer saved without a limit says 1e30
     return Engine(model.eval(), tokenizer, name, template, context)
 
 
