@@ -4,7 +4,7 @@
     python weight_diff.py recover --path_raw RAW --path_diff DIFF [--path_tuned OUT] [--device cuda]
                                   [--test_inference] [--check_integrity_naively] [--expected_sum X]
 
-Streams tensor by tensor and checks every tensor against a manifest (see instructune/diff.py).
+Streams tensor by tensor and checks every tensor against a manifest (see instructune/checkpoint/diff.py).
 """
 
 from instructune.cli import weight_diff_main

@@ -43,7 +43,7 @@ def measure(command: list[str]) -> dict:
 RANDOM_LLAMA = """
 import sys, torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from instructune.builtin import builtin_model_path
+from instructune.modeling.builtin import builtin_model_path
 tokenizer = AutoTokenizer.from_pretrained(builtin_model_path("smollm2-135m"))
 torch.manual_seed(0)
 config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=2816, num_hidden_layers=int(sys.argv[2]),

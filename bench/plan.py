@@ -31,7 +31,7 @@ def child(mode: str, flags: list[str]) -> None:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from instructune import distributed
+    from instructune.training import distributed
     from instructune.cli import setup_logging
 
     setup_logging()
@@ -39,7 +39,7 @@ def child(mode: str, flags: list[str]) -> None:
         import deepspeed  # noqa: F401
         import transformers  # noqa: F401
 
-        import instructune.recipe  # noqa: F401
+        import instructune.training.recipe  # noqa: F401
 
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
@@ -99,8 +99,8 @@ def main() -> None:
         return child(args.child[0], args.child[1:])
 
     sys.path.insert(0, str(REPO))
-    from instructune.builtin import builtin_model_path
-    from instructune.plan import Hardware, Workload, plan, shape_of
+    from instructune.modeling.builtin import builtin_model_path
+    from instructune.training.plan import Hardware, Workload, plan, shape_of
 
     work_dir = Path(tempfile.mkdtemp(prefix="bench-plan-"))
     data = work_dir / "long.json"

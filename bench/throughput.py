@@ -8,7 +8,7 @@ step, flattened) and packed rows (best fit decreasing); and two ablations of pad
 one thing each (all logits; AdamW stepped tensor by tensor, as Alpaca's adamw_torch).
 Every pipeline trains SmolLM2-135M (the built-in model) for one epoch over the same fixed subset of
 `../shared/data/random_9k.json` with AdamW, in one process, one after another, and is measured by the
-same speed meter (instructune/speed.py: steady state after 2 warm-up steps). Tokenisation is timed on
+same speed meter (instructune/training/speed.py: steady state after 2 warm-up steps). Tokenisation is timed on
 all 9,229 records: the reference loop, our cold (cache miss) and warm (cache hit) runs.
 
     .venv/bin/python bench/throughput.py                         # ~12 minutes on 2 CPU cores
@@ -35,14 +35,14 @@ import transformers
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from instructune import models  # noqa: E402
-from instructune.builtin import builtin_model_path  # noqa: E402
+from instructune.modeling import models  # noqa: E402
+from instructune.modeling.builtin import builtin_model_path  # noqa: E402
 from instructune.data import IGNORE_INDEX, DatasetSpec, load_mix  # noqa: E402
 from instructune.data.batching import Collator, pack  # noqa: E402
 from instructune.data.cache import encode_cached  # noqa: E402
 from instructune.data.templates import ALPACA_NO_INPUT, ALPACA_WITH_INPUT  # noqa: E402
-from instructune.speed import SpeedMeter  # noqa: E402
-from instructune.trainer import InstructTrainer, target_token_loss  # noqa: E402
+from instructune.training.speed import SpeedMeter  # noqa: E402
+from instructune.training.trainer import InstructTrainer, target_token_loss  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "random_9k.json"
 # reference: Alpaca's. Then ours, and ablations of ours that undo one thing each.

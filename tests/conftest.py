@@ -83,7 +83,7 @@ def tiny_opt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The built-in SmolLM2-135M-Instruct folder (converted into the user cache on first use)."""
-    from instructune.builtin import builtin_model_path
+    from instructune.modeling.builtin import builtin_model_path
 
     return builtin_model_path("smollm2-135m")
 

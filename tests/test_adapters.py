@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from instructune import models
+from instructune.modeling import models
 from instructune.cli import main
 
 from conftest import PYTHON, assert_same_tensors, run_command, training_loss

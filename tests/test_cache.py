@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from instructune import models
+from instructune.modeling import models
 from instructune.cli import main
 from instructune.data import encode_conversations, load_conversations
 from instructune.data.cache import encode_cached

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from instructune.checkpoint.shard import reshard
 from instructune.errors import UserError
 from instructune.inference.engine import Sampling, answer, wrap
-from instructune.tensorio import TensorFolder
+from instructune.checkpoint.tensorio import TensorFolder
 
 from conftest import PYTHON, REPO, assert_same_tensors, run_command
 from test_train import tiny_run_flags

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from instructune import diff
+from instructune.checkpoint import diff
 from instructune.errors import UserError
-from instructune.tensorio import ShardWriter, TensorFolder
+from instructune.checkpoint.tensorio import ShardWriter, TensorFolder
 
 from conftest import PYTHON, assert_same_tensors, run_command
 

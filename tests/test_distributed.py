@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from transformers import AutoModelForCausalLM
 
-from instructune.tensorio import TensorFolder
+from instructune.checkpoint.tensorio import TensorFolder
 
 from conftest import PYTHON, REPO, assert_same_tensors, run_command
 from helpers.probe import read_probes

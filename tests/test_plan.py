@@ -8,9 +8,9 @@ import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from instructune import plan as planner
+from instructune.training import plan as planner
 from instructune.errors import ConfigError
-from instructune.plan import GIB, Hardware, Workload, choose, plan, shape_of
+from instructune.training.plan import GIB, Hardware, Workload, choose, plan, shape_of
 
 from conftest import PYTHON, SAMPLE_DATA, run_command
 
@@ -86,21 +86,28 @@ def test_plan_command_json_and_table_offline(tiny_llama):
     assert missing.returncode == 2 and "nothing is downloaded" in missing.stderr and "llama-2-7b" in missing.stderr
 
 
+def auto(*flags: str) -> str:
+    """--strategy auto's choice for a command line, as train.py makes it (the planner sees the typed arguments)."""
+    from instructune.config import planner_view
+
+    return planner.auto_strategy(*planner_view(list(flags)))
+
+
 def test_auto_strategy_chooses_for_the_hardware_found(tiny_llama, monkeypatch, caplog):
-    flags = {"--model_name_or_path": [str(tiny_llama)], "--per_device_train_batch_size": ["4"]}
+    flags = ["--model_name_or_path", str(tiny_llama), "--per_device_train_batch_size", "4"]
     monkeypatch.setattr(planner, "detect_hardware", lambda: Hardware(gpus=8, gpu_mem=80 * GIB))
     with caplog.at_level("INFO", logger="instructune"):
-        assert planner.auto_strategy(flags) == "ddp"
+        assert auto(*flags) == "ddp"
     assert "--strategy auto: ddp" in caplog.text and "8 GPUs" in caplog.text
-    seven = {**flags, "--model_name_or_path": ["llama-2-7b"]}
+    seven = [*flags, "--model_name_or_path", "llama-2-7b"]
     monkeypatch.setattr(planner, "detect_hardware", lambda: Hardware(gpus=4, gpu_mem=80 * GIB))
-    assert planner.auto_strategy(seven) == "zero2"
+    assert auto(*seven) == "zero2"
     monkeypatch.setattr(planner, "detect_hardware", lambda: Hardware(gpus=8, gpu_mem=24 * GIB))
-    assert planner.auto_strategy({**seven, "--gradient_checkpointing": ["True"]}) == "fsdp"
+    assert auto(*seven, "--gradient_checkpointing", "True") == "fsdp"
     monkeypatch.setattr(planner, "detect_hardware", lambda: Hardware(gpus=1, gpu_mem=24 * GIB, cpu_mem=64 * GIB))
     with pytest.raises(ConfigError, match="no strategy fits meta-llama/Llama-2-7b-hf on 1 GPU"):
-        planner.auto_strategy(seven)
-    assert planner.auto_strategy({**seven, "--lora_r": ["8"], "--load_in_4bit": ["True"]}) == "ddp"  # QLoRA fits
+        auto(*seven)
+    assert auto(*seven, "--lora_r", "8", "--load_in_4bit", "True") == "ddp"  # QLoRA fits
 
 
 @pytest.mark.slow

@@ -7,13 +7,13 @@ import logging
 import pytest
 import torch
 
-from instructune import models
+from instructune.modeling import models
 from instructune.cli import main
 from instructune.config.argv import translate_legacy_flags
 from instructune.data import encode_conversations, load_conversations
 from instructune.data.batching import Collator
-from instructune.distributed import cpu_has_bf16
-from instructune.speed import SpeedMeter, matmul_parameters
+from instructune.config.device import cpu_has_bf16
+from instructune.training.speed import SpeedMeter, matmul_parameters
 
 from conftest import SAMPLE_DATA
 from test_train import tiny_run_flags

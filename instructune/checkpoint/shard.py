@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from instructune.atomic import atomic_folder
-from instructune.tensorio import ShardWriter, TensorFolder, copy_model_files
+from instructune.checkpoint.tensorio import ShardWriter, TensorFolder, copy_model_files
+from instructune.files import atomic_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -10,15 +10,16 @@ import logging
 import sys
 from typing import Callable
 
-from instructune import distributed
+from instructune.config.device import main_process
 from instructune.errors import UserError
+from instructune.training import distributed
 
 COMMANDS = ("train", "demo", "plan", "generate", "serve", "eval", "judge", "data", "diff", "convert", "shard", "merge")
 
 
 def setup_logging() -> None:
     logging.basicConfig(format="instructune: %(message)s", level=logging.WARNING)
-    logging.getLogger("instructune").setLevel(logging.INFO if distributed.main_process() else logging.WARNING)
+    logging.getLogger("instructune").setLevel(logging.INFO if main_process() else logging.WARNING)
     # bitsandbytes (imported by peft) warns on import that an optional CPU kernel package is absent.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
@@ -32,7 +33,7 @@ def run(command: Callable[[], int]) -> int:
     try:
         code = command()
     except UserError as e:
-        if distributed.main_process():
+        if main_process():
             print(f"error: {e}", file=sys.stderr)
         code = 2
     if distributed.is_initialized():

@@ -13,7 +13,7 @@ def main(argv: list[str]) -> int:
     from instructune.data import TEMPLATES
     from instructune.data.inspect import format_summary, inspect, write_report
     from instructune.data.sources import parse_datasets
-    from instructune.models import load_tokenizer, resolve_model_path
+    from instructune.modeling.models import load_tokenizer, resolve_model_path
 
     parser = argparse.ArgumentParser(prog="instructune data", description=HELP)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,7 +56,8 @@ def main(argv: list[str]) -> int:
 def run_filter(args) -> int:
     from instructune.data.judge import rate, write_filtered
     from instructune.data.sources import load_mix, parse_datasets
-    from instructune.errors import UserError, refuse_output_over_inputs
+    from instructune.errors import UserError
+    from instructune.files import refuse_output_over_inputs
 
     specs = parse_datasets(",".join(args.datasets))
     cache = args.cache or args.output.with_suffix(".cache.jsonl")

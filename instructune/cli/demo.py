@@ -14,9 +14,9 @@ DEMO_QUESTIONS = [
 
 
 def main(argv: list[str]) -> int:
-    from instructune import recipe
     from instructune.config import parse_train_args
     from instructune.inference.engine import Sampling, answer, load
+    from instructune.training import recipe
 
     if "--config" not in argv:
         argv = ["--config", DEMO_CONFIG, *argv]

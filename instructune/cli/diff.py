@@ -15,7 +15,7 @@ def flag_bool(value: str) -> bool:
 
 
 def parser() -> argparse.ArgumentParser:
-    from instructune import diff
+    from instructune.checkpoint import diff
 
     parser = argparse.ArgumentParser(
         prog="instructune diff",
@@ -49,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from instructune import diff
+    from instructune.checkpoint import diff
 
     args = parser().parse_args(argv)
     if args.command in ("make", "make_diff"):

@@ -6,9 +6,9 @@ HELP = "merge a LoRA adapter into its base model (streaming, full precision)"
 
 
 def main(argv: list[str]) -> int:
-    from instructune.adapters import merge
     from instructune.checkpoint.shard import DTYPES
-    from instructune.models import resolve_model_path
+    from instructune.modeling.adapters import merge
+    from instructune.modeling.models import resolve_model_path
 
     parser = argparse.ArgumentParser(
         prog="instructune merge",

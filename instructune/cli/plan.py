@@ -4,6 +4,7 @@ that fits, and the command line that runs it; from the model's config only (noth
 import argparse
 
 from instructune.cli import check_ranges
+from instructune.training.plan import Workload
 
 HELP = "will it fit? memory per GPU of every strategy (DDP, ZeRO, FSDP, offload, LoRA, QLoRA) and the command to run"
 
@@ -17,8 +18,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpu_mem", type=float, default=80, help="GiB per GPU")
     parser.add_argument("--cpu_mem", type=float, default=1024, help="GiB of CPU memory per node")
-    parser.add_argument("--seq_len", type=int, default=512, help="tokens per sequence (model_max_length)")
-    parser.add_argument("--micro_batch", type=int, default=4, help="sequences per GPU per step (per_device_train_batch_size)")
+    parser.add_argument("--seq_len", dest="model_max_length", type=int, default=Workload.seq_len,
+                        help="tokens per sequence (train.py's --model_max_length)")
+    parser.add_argument("--micro_batch", dest="per_device_train_batch_size", type=int, default=Workload.micro_batch,
+                        help="sequences per GPU per step (train.py's --per_device_train_batch_size)")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--lora_r", type=int, default=0, help="plan LoRA adapters of this rank (and choose among adapters)")
     parser.add_argument("--lora_target_modules", default="[q_proj,v_proj]", help="as train.py's flag, or all-linear")
@@ -34,17 +37,17 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     check_ranges([("--gpus", args.gpus, 1, 1 << 20), ("--nodes", args.nodes, 1, 1 << 20),
                   ("--gpu_mem", args.gpu_mem, 0.01, 1 << 20), ("--cpu_mem", args.cpu_mem, 0.01, 1 << 30),
-                  ("--seq_len", args.seq_len, 1, 1 << 24), ("--micro_batch", args.micro_batch, 1, 1 << 16),
+                  ("--seq_len", args.model_max_length, 1, 1 << 24),
+                  ("--micro_batch", args.per_device_train_batch_size, 1, 1 << 16),
                   ("--lora_r", args.lora_r, 0, 1 << 16), ("--runtime_overhead", args.runtime_overhead or 0, 0, 1 << 20),
                   ("--headroom", args.headroom, 0, 0.99), ("--target_fraction", args.target_fraction, 0.001, 1)])
 
-    from instructune.adapters import target_modules
-    from instructune.plan import GIB, Hardware, Workload, choose, command_for, plan, shape_of, table, to_json
+    from instructune.modeling.adapters import target_modules
+    from instructune.training.plan import GIB, Hardware, choose, command_for, plan, shape_of, table, to_json
 
     hardware = Hardware(args.gpus, args.nodes, args.gpu_mem * GIB, args.cpu_mem * GIB, args.device,
                         None if args.runtime_overhead is None else args.runtime_overhead * GIB, args.headroom)
-    work = Workload(args.seq_len, args.micro_batch, args.gradient_checkpointing, args.lora_r, args.load_in_4bit,
-                    args.target_fraction)
+    work = Workload.from_args(args)
     shape = shape_of(args.model, target_modules(args.lora_target_modules), ranks=(args.lora_r or 8,))
     options = plan(shape, hardware, work)
     for option in options:

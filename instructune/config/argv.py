@@ -1,4 +1,4 @@
-"""A training command line → the flags HfArgumentParser reads, without side effects.
+"""A training command line → the flags HfArgumentParser reads (parser input), without side effects.
 
 A command line may start from a YAML file (`--config FILE`, its keys are the flag names; flags given
 after it override it), may name a strategy (`--strategy zero3` → the ds_configs/ file it stands
@@ -58,11 +58,6 @@ def strategy_flags(name: str) -> list[str]:
     return [str(RESOURCES / "ds_configs" / v) if v.endswith(".json") else v for v in STRATEGIES[name]]
 
 
-def expand_argv(argv: list[str]) -> list[str]:
-    """The whole rewriting, in order: the YAML file, the strategy, then Alpaca's flag names."""
-    return translate_legacy_flags(expand_strategy(expand_config_file(argv)))
-
-
 def _split_flags(argv: list[str]) -> list[tuple[str, list[str]]]:
     """[(flag, values)] in order; '--flag=value' is split; a leading value-less token is an error."""
     items: list[tuple[str, list[str]]] = []
@@ -113,25 +108,32 @@ def expand_config_file(argv: list[str]) -> list[str]:
     return _join_flags(from_file) + _join_flags([(f, v) if f != "--config" else (f, [str(path)]) for f, v in items])
 
 
-def expand_strategy(argv: list[str]) -> list[str]:
-    """`--strategy NAME` → the DeepSpeed or FSDP flags of ds_configs/ it stands for.
+def chosen_strategy(argv: list[str]) -> str | None:
+    """The name the last --strategy gives (auto included), or None."""
+    names = [values for flag, values in _split_flags(argv) if flag == "--strategy"]
+    if names and len(names[-1]) != 1:
+        raise ConfigError("--strategy takes one name")
+    return names[-1][0] if names else None
+
+
+def expand_strategy(argv: list[str], auto: str | None = None) -> list[str]:
+    """`--strategy NAME` → the DeepSpeed or FSDP flags of ds_configs/ it stands for; `--strategy auto` → those of
+    `auto`, the planner's choice.
 
     Like any flag, the later of `--strategy` and explicit --deepspeed/--fsdp flags wins, so a
     --strategy on the command line overrides the FSDP settings of a YAML config, and vice versa.
     """
-    items = _split_flags(argv)
-    positions = [i for i, (flag, _) in enumerate(items) if flag == "--strategy"]
-    if not positions:
+    name = chosen_strategy(argv)
+    if name is None:
         return argv
-    if len(items[positions[-1]][1]) != 1:
-        raise ConfigError("--strategy takes one name")
-    name = items[positions[-1]][1][0]
-    if name == "auto":  # the planner's choice for this hardware and these flags
-        from instructune.plan import auto_strategy
-
-        name = auto_strategy(dict(items))
+    if name == "auto":
+        if auto is None:
+            raise ConfigError("--strategy auto: no strategy was chosen for it")
+        name = auto
+    items = _split_flags(argv)
+    position = max(i for i, (flag, _) in enumerate(items) if flag == "--strategy")
     explicit = [i for i, (flag, _) in enumerate(items) if flag in STRATEGY_FLAGS]
-    if explicit and explicit[-1] > positions[-1]:
+    if explicit and explicit[-1] > position:
         logger.info("--%s given after --strategy %s: using it instead", items[explicit[-1]][0].lstrip("-"), name)
         return _join_flags([item for item in items if item[0] != "--strategy"])
     if explicit:

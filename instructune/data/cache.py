@@ -26,7 +26,7 @@ from pathlib import Path
 
 from instructune.data.encode import DataStats, encode_columns, examples_and_stats
 from instructune.data.formats import Conversation, Message
-from instructune.atomic import atomic_folder
+from instructune.files import atomic_folder, cache_root
 
 logger = logging.getLogger("instructune")
 
@@ -36,8 +36,6 @@ MARKER = "complete"  # written last: settings, row count and each file's hash
 
 
 def default_cache_dir() -> Path:
-    from instructune.builtin import cache_root
-
     return cache_root() / "tokenized"
 
 

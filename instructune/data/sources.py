@@ -17,6 +17,7 @@ from typing import Iterator
 
 from instructune.data.formats import FORMATS, Conversation, json_type, to_conversations
 from instructune.errors import DataError
+from instructune.files import looks_like_hub_id
 
 
 @dataclass(frozen=True)
@@ -144,13 +145,6 @@ def skipped_summary(skipped: Counter) -> str:
     return ", ".join(f"{n} record{'s' * (n != 1)} with an empty {name} skipped" for name, n in sorted(skipped.items()))
 
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-DATA_FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".txt", ".parquet", ".arrow", ".gz", ".zip")
-
-
-def looks_like_hub_id(name: str) -> bool:
-    """owner/name with no data-file extension: anything else that does not exist is a missing path."""
-    return bool(HUB_ID.fullmatch(name)) and not name.lower().endswith(DATA_FILE_SUFFIXES)
 def _read_json_file(path: Path) -> Iterator[tuple[str, object]]:
     try:
         text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")  # a UTF-8 BOM is harmless

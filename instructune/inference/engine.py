@@ -19,11 +19,11 @@ from typing import Callable
 import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
-from instructune import adapters, models
+from instructune import run_summary
 from instructune.data.formats import Message
 from instructune.data.templates import TEMPLATES, render_prompt, template_adds_special_tokens
 from instructune.errors import UserError
-from instructune.export import RUN_SUMMARY
+from instructune.modeling import adapters, models
 
 logger = logging.getLogger("instructune")
 
@@ -298,13 +298,10 @@ def wrap(model, tokenizer, template: str = "alpaca", name: str = "model") -> Eng
 def saved_template(path: str) -> str:
     """The prompt template a run trained the model with (its summary, in the folder or, for a merged adapter, the run
     folder around it); alpaca for any other model."""
-    for folder in (Path(path), Path(path).parent):
-        summary = folder / RUN_SUMMARY
-        if summary.is_file():
-            template = json.loads(summary.read_text()).get("prompt_template")
-            if template in TEMPLATES:
-                logger.info("prompt template %s, as the model was trained (%s)", template, summary)
-                return template
+    found = run_summary.find(path)
+    if found and found[1].get("prompt_template") in TEMPLATES:
+        logger.info("prompt template %s, as the model was trained (%s)", found[1]["prompt_template"], found[0])
+        return found[1]["prompt_template"]
     return "alpaca"
 
 

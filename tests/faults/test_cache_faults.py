@@ -11,7 +11,7 @@ import pytest
 
 from instructune.data import load_conversations
 from instructune.data.cache import encode_cached
-from instructune.models import load_tokenizer
+from instructune.modeling.models import load_tokenizer
 
 from conftest import SAMPLE_DATA
 

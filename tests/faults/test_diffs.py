@@ -5,9 +5,9 @@ import logging
 
 import pytest
 
-from instructune import diff
+from instructune.checkpoint import diff
 from instructune.errors import UserError
-from instructune.tensorio import TensorFolder
+from instructune.checkpoint.tensorio import TensorFolder
 
 from conftest import PYTHON, run_command
 from test_diff import make_tuned

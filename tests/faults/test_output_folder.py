@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from instructune.cli import main
-from instructune.tensorio import TensorFolder
+from instructune.checkpoint.tensorio import TensorFolder
 
 from conftest import PYTHON, SAMPLE_DATA, assert_same_tensors, run_command
 from test_train import tiny_run_flags

@@ -1,73 +1,18 @@
-"""Where and how training is distributed: the adjustments that make the Trainer really distribute on a
-CPU-only machine, and a clean process exit (the strategies behind --strategy are in config/argv.py).
-Every CPU-only workaround lives here (see the shared notes, cpu-distributed.md).
+"""Where and how training is distributed: the workarounds that make the Trainer really distribute on a CPU-only
+machine once it runs, and a clean process exit (the strategies behind --strategy, and the adjustments of the command
+line for the CPU, are config's: config/argv.py, config/device.py). See the shared notes, cpu-distributed.md.
 
-Without them, on a machine with no GPU the Trainer silently trains each torchrun rank alone,
-DeepSpeed ZeRO-3 fails inside from_pretrained, FSDP silently falls back to DDP, and gloo runs abort
-at interpreter exit now and then. Each function says when it can go.
+Without them, on a machine with no GPU DeepSpeed ZeRO-3 fails inside from_pretrained, FSDP silently falls back to
+DDP, peft's trainable tokens fail under ZeRO-3, and gloo runs abort at interpreter exit now and then. Each function
+says when it can go.
 """
 
-import logging
 import os
 import sys
 
 import torch
 
-logger = logging.getLogger("instructune")
-
-
-def main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def on_cpu() -> bool:
-    return not torch.cuda.is_available()
-
-
-def adjust_flags_for_device(argv: list[str]) -> list[str]:
-    """On a machine without CUDA: train on the CPU without being told, and drop CUDA-only flags."""
-    if not on_cpu():
-        return argv
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise probes for CUDA first
-    argv = list(argv)
-    if "--tf32" in argv:
-        # TrainingArguments raises for --tf32 True without an Ampere GPU; Alpaca's command passes it.
-        i = argv.index("--tf32")
-        has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-        del argv[i : i + 1 + has_value]
-        logger.info("--tf32 ignored: no CUDA GPU on this machine")
-    if "--use_cpu" not in argv:
-        # Without use_cpu, Accelerate finds no device backend and each torchrun rank trains alone,
-        # unwrapped, on the full data, while all of them write the same output_dir.
-        argv += ["--use_cpu", "True"]
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            logger.info(f"no GPU: training on the CPU, {os.environ['WORLD_SIZE']} processes over gloo")
-        else:
-            logger.info("no GPU: training on the CPU")
-    return argv
-
-
-def adjust_args_for_device(args) -> None:
-    """After parsing: DeepSpeed with optimizer offload keeps torch's AdamW on a CPU-only machine, and bf16 on a
-    CPU without bf16 arithmetic gets a warning.
-
-    Accelerate would swap in DeepSpeedCPUAdam, a C++ extension that g++ builds on first use (35 s,
-    2 GB of compiler memory) to do on the CPU what torch's AdamW already does there.
-    """
-    if on_cpu() and args.deepspeed:
-        args.hf_deepspeed_config.config["zero_force_ds_cpu_optimizer"] = False
-    if on_cpu() and args.bf16 and not cpu_has_bf16() and main_process():
-        logger.warning("--bf16 on a CPU without bf16 instructions (AVX-512-BF16 or AMX): every bf16 operation is "
-                       "emulated, many times slower than fp32; drop --bf16 to train in fp32")
-
-
-def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether the CPU computes in bf16 natively (x86 flags avx512_bf16 or amx_bf16; other machines: assumed yes)."""
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in open(cpuinfo) if line.startswith("flags")), None)
-    except OSError:
-        return True
-    return flags is None or bool({"avx512_bf16", "amx_bf16"} & set(flags))
+from instructune.config.device import on_cpu
 
 
 def init_deepspeed_comm(args) -> None:

@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 from transformers import Trainer
 
-from instructune import distributed
 from instructune.checkpoint import resume
+from instructune.config.device import on_cpu
 from instructune.data import IGNORE_INDEX
 from instructune.errors import UserError
-from instructune.speed import SpeedMeter
+from instructune.training import distributed
+from instructune.training.speed import SpeedMeter
 
 logger = logging.getLogger("instructune")
 
@@ -67,7 +68,7 @@ class InstructTrainer(Trainer):
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
-        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled and distributed.on_cpu():
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled and on_cpu():
             distributed.enable_fsdp_on_cpu(self)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

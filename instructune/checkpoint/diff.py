@@ -27,10 +27,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from instructune.atomic import atomic_folder
+from instructune.checkpoint.tensorio import (
+    MODEL_FILES,
+    ShardWriter,
+    TensorFolder,
+    copy_model_files,
+    inside,
+    tensor_sha256,
+)
 from instructune.errors import UserError
-from instructune.tensorio import (MODEL_FILES, ShardWriter, TensorFolder, copy_model_files, inside,
-                                  tensor_sha256)
+from instructune.files import atomic_folder
 
 logger = logging.getLogger("instructune")
 

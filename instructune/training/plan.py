@@ -25,7 +25,7 @@ from pathlib import Path
 from instructune.errors import ConfigError, UserError
 
 GIB = 2**30
-RESOURCES = Path(__file__).resolve().parent / "resources"
+RESOURCES = Path(__file__).resolve().parents[1] / "resources"
 EXAMPLE_CONFIGS = RESOURCES / "configs" / "models"  # Llama-2 7B/13B/70B config.json files: planning works offline
 # Fastest first: fewer bytes moved per step. LoRA and QLoRA train adapters, not the model: listed, chosen only when
 # asked for (--lora_r) or when no full fine-tune fits.
@@ -77,6 +77,18 @@ class Workload:
     lora_r: int = 0
     load_in_4bit: bool = False
     target_fraction: float = 1.0  # positions with a target (logits are kept only there); 1.0 is the safe bound
+
+    # Workload field ← the flag (typed argument) it comes from, the same in train.py and `instructune plan`
+    FLAGS = {"seq_len": "model_max_length", "micro_batch": "per_device_train_batch_size",
+             "gradient_checkpointing": "gradient_checkpointing", "lora_r": "lora_r", "load_in_4bit": "load_in_4bit",
+             "target_fraction": "target_fraction"}
+
+    @classmethod
+    def from_args(cls, *sources) -> "Workload":
+        """The workload that typed arguments describe (train's ModelArguments and TrainingArguments, or `instructune
+        plan`'s flags): each field from the first source that sets its flag, else the default above."""
+        return cls(**{name: getattr(source, flag) for name, flag in cls.FLAGS.items()
+                      for source in reversed(sources) if getattr(source, flag, None) is not None})
 
 
 @dataclass
@@ -195,7 +207,7 @@ def load_config(model: str):
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from instructune.models import resolve_model_path
+    from instructune.modeling.models import resolve_model_path
 
     examples = sorted(p.stem for p in EXAMPLE_CONFIGS.glob("*.json"))
     candidates = [Path(model), EXAMPLE_CONFIGS / f"{model}.json"]
@@ -334,24 +346,16 @@ def detect_hardware() -> Hardware:
     return Hardware(local, nodes, ram, ram, "cpu")
 
 
-def auto_strategy(flags: dict[str, list[str]]) -> str:
-    """The strategy `--strategy auto` stands for: the fastest full fine-tune that fits this hardware with these flags
-    (DDP for adapters), said in one log line; a ConfigError when none fits."""
+def auto_strategy(model_args, training_args) -> str:
+    """The strategy `--strategy auto` stands for: the fastest full fine-tune that fits this hardware with the run's
+    typed arguments (DDP for adapters), said in one log line; a ConfigError when none fits."""
     import logging
 
-    from instructune.adapters import target_modules
+    from instructune.modeling.adapters import target_modules
 
-    def flag(name: str, default: str) -> str:
-        return flags[name][-1] if flags.get(name) else default
-
-    if "--model_name_or_path" not in flags:
-        raise ConfigError("--strategy auto plans for a model: give --model_name_or_path")
-    truthy = ("true", "1", "yes")
-    work = Workload(int(flag("--model_max_length", "512")), int(flag("--per_device_train_batch_size", "8")),
-                    flag("--gradient_checkpointing", "false").lower() in truthy, int(flag("--lora_r", "0")),
-                    flag("--load_in_4bit", "false").lower() in truthy)
+    work = Workload.from_args(model_args, training_args)
     hardware = detect_hardware()
-    shape = shape_of(flag("--model_name_or_path", ""), target_modules(flag("--lora_target_modules", "[q_proj,v_proj]")),
+    shape = shape_of(model_args.model_name_or_path, target_modules(model_args.lora_target_modules),
                      ranks=(work.lora_r or 8,))
     options = plan(shape, hardware, work)
     chosen = choose(options, work)

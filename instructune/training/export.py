@@ -14,15 +14,15 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from instructune.adapters import is_adapter
 from instructune.data import DataStats
-from instructune.errors import ConfigError, UserError, refuse_output_over_inputs
-from instructune.atomic import out_of_space
+from instructune.errors import ConfigError, UserError
+from instructune.files import out_of_space, refuse_output_over_inputs
+from instructune.modeling.adapters import is_adapter
+from instructune.run_summary import RUN_SUMMARY
 
 STAGING = ".final-model.partial"  # inside output_dir, so that the moves into place are renames
 WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
 MERGED = "merged"  # with --merge_adapter: the base model with the adapter merged in
-RUN_SUMMARY = "train_results.json"  # also read by inference: it names the prompt template the run trained with
 
 
 def prepare_output_dir(args, inputs: dict[str, list[str]]) -> None:

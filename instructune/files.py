@@ -1,14 +1,49 @@
-"""Writing so that readers see all or nothing: a folder staged beside its target, fsync'd, then renamed into place.
-Used by every writer of a model folder, a diff and the tokenisation cache."""
+"""Files and folders, for every stage: where instructune keeps its caches, what a local path is and what a hub id
+is, an output that never lands on an input, and writing so that readers see all or nothing (a folder staged beside
+its target, fsync'd, then renamed into place: model folders, diffs, the tokenisation cache)."""
 
 import errno
 import os
+import re
 import shutil
 import socket
 import tempfile
 from pathlib import Path
 
-from instructune.errors import UserError
+from instructune.errors import ConfigError, UserError
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".txt", ".parquet", ".arrow", ".gz", ".zip")
+
+
+def cache_root() -> Path:
+    """~/.cache/instructune (XDG_CACHE_HOME honoured; INSTRUCTUNE_CACHE to move it): built-in models, tokenised data,
+    measured CPU peaks."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "instructune"
+    return Path(os.environ.get("INSTRUCTUNE_CACHE", default))
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """owner/name with no data-file extension: anything else that does not exist is a missing path."""
+    return bool(HUB_ID.fullmatch(name)) and not name.lower().endswith(DATA_FILE_SUFFIXES)
+
+
+def refuse_output_over_inputs(output: Path, inputs: dict[str, list], flag: str) -> None:
+    """An output (file or folder) is never one of the inputs ({what: paths}), never holds one and never lies inside
+    one: writing or emptying it, or the next run reading it, would take the user's files."""
+    resolved = Path(output).resolve()
+    for what, paths in inputs.items():
+        for path in filter(None, paths):
+            given = Path(path).resolve()
+            if not given.exists():  # a hub id, a built-in name
+                continue
+            if given == resolved:
+                where = "folder" if given.is_dir() else "file"
+                raise ConfigError(f"{output}: is the {what}'s {where}; choose another {flag}")
+            if resolved in given.parents:
+                raise ConfigError(f"{output}: holds the {what} ({path}); choose another {flag}")
+            if given in resolved.parents:
+                raise ConfigError(f"{output}: lies inside the {what} ({path}); choose another {flag}")
 
 
 class atomic_folder:

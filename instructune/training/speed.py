@@ -34,7 +34,7 @@ GPU_PEAK_BF16 = {
 
 def matmul_parameters(model) -> int:
     """Parameters that take part in a matmul per token: all but embedding tables, plus a tied LM head."""
-    from instructune.models import parameter_count as count
+    from instructune.modeling.models import parameter_count as count
 
     embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     total = sum(count(p) for p in model.parameters() if id(p) not in embeddings)
@@ -64,7 +64,7 @@ def device_peak_flops(device: torch.device) -> tuple[float | None, str]:
 
 
 def cpu_peak_flops() -> float:
-    from instructune.builtin import cache_root
+    from instructune.files import cache_root
 
     key = f"{_cpu_model()}|threads={torch.get_num_threads()}"
     path = cache_root() / "cpu_peak_flops.json"

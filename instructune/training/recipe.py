@@ -10,21 +10,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from transformers import TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
 
-from instructune import adapters, distributed, models
 from instructune.checkpoint import resume
-from instructune.config import DataArguments, ModelArguments, TrainingArguments
-from instructune.config import shipped
-from instructune.data import DataStats, DatasetSpec, hold_out, load_mix, parse_datasets
+from instructune.config import DataArguments, ModelArguments, TrainingArguments, shipped
+from instructune.config.device import on_cpu
+from instructune.data import DatasetSpec, DataStats, hold_out, load_mix, parse_datasets
 from instructune.data.batching import Collator, pack
 from instructune.data.cache import encode_cached
 from instructune.errors import ConfigError, DataError
 from instructune.eval.harness import LmEvalCallback
-from instructune.export import MERGED, loss_history, prepare_output_dir, save_model_folder
-from instructune.speed import SpeedMeter
-from instructune.trainer import InstructTrainer, supports_target_logits, target_token_loss
+from instructune.modeling import adapters, models
+from instructune.training import distributed
+from instructune.training.export import MERGED, loss_history, prepare_output_dir, save_model_folder
+from instructune.training.speed import SpeedMeter
+from instructune.training.trainer import InstructTrainer, supports_target_logits, target_token_loss
 
 logger = logging.getLogger("instructune")
 
@@ -57,8 +58,6 @@ def resume_point(args: TrainingArguments) -> str | None:
 
 def lm_eval_callback(args: TrainingArguments) -> LmEvalCallback:
     """--eval_tasks: the main process evaluates the whole model, which ZeRO-3 and FSDP never hold in one process."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
     if is_deepspeed_zero3_enabled() or args.fsdp:
         raise ConfigError("--eval_tasks runs on the main process's copy of the model: use DDP or ZeRO-1/2, or evaluate "
                           "the saved model with `instructune eval` (ZeRO-3 and FSDP split the model across processes)")
@@ -114,7 +113,7 @@ def train(
 
     # 3. Model, once the output folder is known to be ours to write: all of it trains, or LoRA adapters on it
     # (QLoRA: on a 4-bit base).
-    quantization = adapters.quantization_config(model_args, on_gpu=not distributed.on_cpu())
+    quantization = adapters.quantization_config(model_args, on_gpu=not on_cpu())
     if model_args.merge_adapter and not model_args.lora_r:
         raise ConfigError("--merge_adapter merges a LoRA adapter: train one with --lora_r R")
     deepspeed_config = training_args.deepspeed if isinstance(training_args.deepspeed, str) else None
@@ -128,6 +127,8 @@ def train(
         models.resize_embeddings(model, tokenizer, num_new_tokens)
     if model_args.lora_r:
         added = list(range(len(tokenizer) - num_new_tokens, len(tokenizer)))
+        if added and is_deepspeed_zero3_enabled() and on_cpu():
+            distributed.peft_trainable_tokens_on_cpu()
         model = adapters.add_lora(model, model_args, added, training_args.gradient_checkpointing, training_args.seed)
 
     if training_args.eval_tasks:

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from instructune.builtin import BUILTIN_MODELS, builtin_model_path
-from instructune.data.sources import looks_like_hub_id
 from instructune.errors import UserError
+from instructune.files import looks_like_hub_id
+from instructune.modeling.builtin import BUILTIN_MODELS, builtin_model_path
 
 logger = logging.getLogger("instructune")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from instructune import distributed, models
 from instructune.errors import ConfigError, UserError
+from instructune.modeling import models
 
 logger = logging.getLogger("instructune")
 
@@ -71,12 +71,9 @@ def add_lora(model, model_args, new_token_ids: list[int], gradient_checkpointing
     the same adapter under every one of them."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
-    from transformers.integrations import is_deepspeed_zero3_enabled
 
     if getattr(model, "is_quantized", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    if new_token_ids and is_deepspeed_zero3_enabled() and distributed.on_cpu():
-        distributed.peft_trainable_tokens_on_cpu()
     config = LoraConfig(
         r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
         target_modules=target_modules(model_args.lora_target_modules), task_type="CAUSAL_LM",
@@ -161,7 +158,7 @@ def merge(base: str | Path, adapter: str | Path, output: str | Path, max_shard_s
           dtype: str | None = None) -> int:
     """Write base + adapter as a full Hugging Face folder, tensor by tensor; returns the tensors merged."""
     from instructune.checkpoint.shard import write_model_folder
-    from instructune.tensorio import MODEL_FILES, TensorFolder
+    from instructune.checkpoint.tensorio import MODEL_FILES, TensorFolder
 
     adapter = Path(adapter)
     config, lora = read_adapter(adapter)

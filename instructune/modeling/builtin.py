@@ -7,13 +7,13 @@ On first use it is dequantised and saved once as a plain Hugging Face folder in 
 
 import importlib.util
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from instructune.errors import UserError
+from instructune.files import cache_root
 
 logger = logging.getLogger("instructune")
 
@@ -34,11 +34,6 @@ BUILTIN_MODELS = {
         context_length=8192,
     ),
 }
-
-
-def cache_root() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "instructune"
-    return Path(os.environ.get("INSTRUCTUNE_CACHE", default))
 
 
 def builtin_model_path(name: str) -> Path:
