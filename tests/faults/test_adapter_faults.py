@@ -15,6 +15,8 @@ from instructune.cli import main
 
 from conftest import _tiny_model
 
+pytestmark = pytest.mark.slow  # a model loaded or built per test: the full suite's tier
+
 
 @pytest.fixture(scope="module")
 def adapter(tiny_llama, tmp_path_factory):

@@ -15,6 +15,8 @@ from instructune.modeling.models import load_tokenizer
 
 from conftest import SAMPLE_DATA
 
+pytestmark = pytest.mark.slow  # a model loaded or built per test: the full suite's tier
+
 
 @pytest.fixture(scope="module")
 def conversations():

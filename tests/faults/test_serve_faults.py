@@ -23,6 +23,8 @@ from instructune.serve.app import Limits, create_app
 
 from conftest import free_port, launch_server
 
+pytestmark = pytest.mark.slow  # a model loaded or built per test: the full suite's tier
+
 POISON = 42  # a prompt holding this token id fails inside the model (the test's stand-in for a row that breaks)
 
 
