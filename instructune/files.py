@@ -2,6 +2,7 @@
 is, an output that never lands on an input, and writing so that readers see all or nothing (a folder staged beside
 its target, fsync'd, then renamed into place: model folders, diffs, the tokenisation cache)."""
 
+import contextlib
 import errno
 import os
 import re
@@ -114,18 +115,63 @@ def _writer_alive(suffix: str) -> bool:
     return True
 
 
-def fsync_tree(folder: Path, files: bool = True) -> None:
-    """Flush a folder's files (and the folder itself) to disk, so that a rename after it publishes complete data."""
-    if files:
-        for path in folder.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-    descriptor = os.open(folder, os.O_RDONLY)
+def fsync(path: Path) -> None:
+    """Flush a file or a folder (its entries) to disk; a link is left alone."""
+    if path.is_symlink():
+        return
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def fsync_tree(folder: Path, files: bool = True) -> None:
+    """Flush a folder's files and folders (deepest first) and the folder itself, so that a rename or a marker after
+    it publishes complete data."""
+    if files:
+        for path in sorted(folder.rglob("*"), reverse=True):
+            fsync(path)
+    fsync(folder)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "w"):
+    """A file written aside (`.NAME.partial-HOST-PID-*` beside it), fsync'd and renamed to `path` when the block
+    succeeds, removed otherwise: readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.partial-{socket.gethostname()}-{os.getpid()}-",
+                                           dir=path.parent)
+    try:
+        with open(descriptor, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(staging, 0o644)  # mkstemp's 0600 would hide it from others sharing the folder
+        os.replace(staging, path)
+        fsync(path.parent)
+    finally:
+        Path(staging).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def png_figure(path: Path, size: tuple[float, float] = (7, 4)):
+    """(figure, axes) of a matplotlib figure (Agg: no display on training nodes or servers), laid out and written
+    to `path` as a PNG when the block ends, whole or not at all."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=size)
+    try:
+        yield figure, axes
+        figure.tight_layout()
+        with atomic_file(path, "wb") as f:
+            figure.savefig(f, dpi=100, format="png")
+    finally:
+        plt.close(figure)
 
 
 def out_of_space(error: BaseException | None) -> bool:

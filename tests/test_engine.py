@@ -112,10 +112,10 @@ def test_prompt_sets_in_each_format(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     assert read_prompts(path) == [Prompt("A", "x"), Prompt("B", "y"), Prompt("B"), Prompt("C"), Prompt("D"), Prompt("E")]
     path.write_text(json.dumps({"question": "?"}) + "\n")
-    with pytest.raises(DataError, match=r"mixed.jsonl: line 1: fits no known prompt format"):
+    with pytest.raises(DataError, match=r"mixed.jsonl:1: fits no known prompt format"):
         read_prompts(path)
     path.write_text('{"instruction": "A", "output": "a"}\n{"instruction": "B", "output": 3}\n')
-    with pytest.raises(DataError, match=r"line 2: field 'output' \(the model's answer\) must be a string"):
+    with pytest.raises(DataError, match=r"jsonl:2: field 'output' \(the model's answer\) must be a string"):
         read_answers(path)
 
 
@@ -127,7 +127,7 @@ def test_the_four_shared_evaluation_sets_are_read():
 
 @pytest.mark.slow
 def test_generate_command_one_interactive_and_a_file(tiny_llama, engine, tmp_path):
-    base = [PYTHON, "-m", "instructune.cli", "generate", "--model_name_or_path", str(tiny_llama), "--max_new_tokens", "6"]
+    base = [PYTHON, "-m", "instructune.cli", "generate", "--model", str(tiny_llama), "--max_new_tokens", "6"]
     expected = [engine.generate([Request(engine.prompt_ids([Message("user", q)]), Sampling(6))])[0].text.strip()
                 for q in ("Say hi.", "Name a colour.")]
     one = run_command(base + ["--instruction", "Say hi."])
@@ -150,7 +150,7 @@ def test_generate_command_one_interactive_and_a_file(tiny_llama, engine, tmp_pat
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"nope": 1}\n')
     failed = run_command(base + ["--input_file", str(bad), "--output_file", str(tmp_path / "never.jsonl")])
-    assert failed.returncode == 2 and "bad.jsonl: line 2: fits no known prompt format" in failed.stderr
+    assert failed.returncode == 2 and "bad.jsonl:2: fits no known prompt format" in failed.stderr
     assert not list(tmp_path.glob("never.jsonl*"))
 
 
@@ -168,3 +168,11 @@ def test_a_model_fine_tuned_on_short_examples_serves_its_whole_context(tiny_llam
     assert engine.context_length == 512 and engine.tokenizer.model_max_length != 128
     assert json.loads((tmp_path / "out" / "train_results.json").read_text())["model_max_length"] == 128
     engine.check_fits(list(range(300)))  # a prompt longer than the training length is served
+
+
+def test_a_prompt_file_keeps_line_separators_inside_its_strings(tmp_path):
+    """Seen: prompt files were split with splitlines(), which breaks a JSON line at a U+2028 inside a string."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"instruction": "first\u2028second", "input": "x\u0085y"}, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    assert read_prompts(path) == [Prompt("first\u2028second", "x\u0085y")]

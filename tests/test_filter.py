@@ -12,7 +12,7 @@ import pytest
 
 from instructune.cli import main
 from instructune.data import load_conversations
-from instructune.data.judge import parse_score, rate
+from instructune.data.rater import parse_score, rate
 from instructune.inference.client import ChatClient
 
 from conftest import PYTHON, REPO

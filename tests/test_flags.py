@@ -25,8 +25,10 @@ def test_yaml_its_override_and_legacy_names_reach_the_same_typed_fields(tmp_path
     assert from_yaml.warmup_steps == 0.03 and from_yaml.config == str(config)
     _, _, overridden = parse(tmp_path, "--config", str(config), "--learning_rate", "2e-5", "--per_device_train_batch_size", "5")
     assert (overridden.learning_rate, overridden.per_device_train_batch_size) == (2e-5, 5)
-    _, _, legacy = parse(tmp_path, "--per_gpu_train_batch_size", "7", "--evaluation_strategy", "no", "--gradient_checkpointing")
+    model_args, _, legacy = parse(tmp_path, "--per_gpu_train_batch_size", "7", "--evaluation_strategy", "no",
+                                  "--gradient_checkpointing", "--model", "llama-2-13b")
     assert legacy.per_device_train_batch_size == 7 and legacy.eval_strategy == "no" and legacy.gradient_checkpointing
+    assert model_args.model_name_or_path == "llama-2-13b"  # --model, as every other command names it
 
 
 @pytest.mark.parametrize("flags, expected", [

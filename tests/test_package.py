@@ -32,7 +32,7 @@ print(json.dumps({"package": instructune.__file__, "deepspeed": args.deepspeed, 
 def test_wheel_ships_the_configs_and_works_outside_the_checkout(tmp_path):
     source = tmp_path / "source"  # a clean copy: a build/ folder left in the checkout could add stale modules
     shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", "runs", "output"))
+        ".git", ".venv*", "build", "*.egg-info", "__pycache__", ".pytest_cache", "runs", "output"))
     built = subprocess.run([PYTHON, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source),
                             "-w", str(tmp_path / "dist")], capture_output=True, text=True, cwd=tmp_path)
     assert built.returncode == 0, built.stderr[-2000:]

@@ -20,7 +20,7 @@ def make_checkpoints(root, steps_complete, steps_incomplete):
     for step in steps_complete + steps_incomplete:
         (root / f"checkpoint-{step}").mkdir(parents=True)
     for step in steps_complete:
-        resume.mark_complete(root / f"checkpoint-{step}", step)
+        resume.mark_complete(root / f"checkpoint-{step}", step, "run-a")
 
 
 def test_latest_complete_skips_incomplete_checkpoints(tmp_path, caplog):

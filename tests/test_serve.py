@@ -173,7 +173,7 @@ def test_lm_eval_local_completions_through_the_server_equals_lm_eval_on_the_mode
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    tasks = TaskManager(include_path=str(write_mc_task(tmp_path, "serve_tiny_mc")))
+    tasks = TaskManager(include_path=str(write_mc_task(tmp_path, "serve_tiny_mc")), include_defaults=False)
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     through_server = simple_evaluate(
         model="local-completions", tasks=["serve_tiny_mc"], task_manager=tasks,

@@ -15,6 +15,7 @@ import torch
 
 from instructune.checkpoint.safeload import check_metadata, weights_only_loading
 from instructune.checkpoint.shard import write_model_folder
+from instructune.checkpoint.tensorio import later_names
 from instructune.errors import UserError
 
 
@@ -72,10 +73,5 @@ def _fsdp_state(shards: Path, trust: bool) -> dict:
 def _without_tied_duplicates(state: dict) -> dict:
     """Tied weights (an lm_head sharing the input embedding) reach us as one object under two names;
     keep the first name, as save_pretrained does."""
-    seen, kept = set(), {}
-    for name, value in state.items():
-        key = value.data_ptr() if isinstance(value, torch.Tensor) else id(value)
-        if key not in seen:
-            seen.add(key)
-            kept[name] = value
-    return kept
+    tied = later_names((n, v.data_ptr() if isinstance(v, torch.Tensor) else id(v)) for n, v in state.items())
+    return {name: value for name, value in state.items() if name not in tied}

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from instructune.checkpoint.tensorio import (
+    DTYPES,
     MODEL_FILES,
     ShardWriter,
     TensorFolder,
@@ -44,7 +45,6 @@ MANIFEST = "weight_diff.json"
 FORMAT, VERSION = "instructune-weight-diff", 2
 ENTRY_FIELDS = {"raw_shape": list, "raw_sha256": str, "dtype": str, "added_rows": int, "diff_sha256": str,
                 "recovered_sha256": str}
-DIFF_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
 ALPACA_7B_SUM = 50637.1836  # Alpaca's hard-coded sum of its recovered 7B weights
 
@@ -66,7 +66,7 @@ def make_diff(path_raw, path_tuned, path_diff, exact: bool = False, dtype: str =
     raw, tuned = TensorFolder(path_raw), TensorFolder(path_tuned)
     _check_same_architecture(raw.path, tuned.path)
     encoding = "exact" if exact else "float"
-    diff_dtype = DIFF_DTYPES[dtype]
+    diff_dtype = DTYPES[dtype]
     names = tuned.names()
     for name in names:
         _base_rows(raw, name, tuned.tensors[name].shape)  # refuse mismatches before writing anything

@@ -15,20 +15,18 @@ last good one. Here:
 
 import json
 import logging
-import os
 import re
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 from instructune.errors import UserError
+from instructune.files import atomic_file, fsync, fsync_tree
 
 logger = logging.getLogger("instructune")
 
 COMPLETE_MARKER = "instructune-checkpoint-complete"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-RUN_ID = uuid.uuid4().hex  # this process's run; only the main process writes markers
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
@@ -59,31 +57,15 @@ def is_complete(checkpoint: Path) -> bool:
 def unmark(checkpoint: Path) -> None:
     """Before a checkpoint folder is (re)written: it is incomplete until mark_complete."""
     (checkpoint / COMPLETE_MARKER).unlink(missing_ok=True)
-    _fsync(checkpoint)
+    fsync(checkpoint)
 
 
-def mark_complete(checkpoint: Path, step: int) -> None:
-    for path in sorted(checkpoint.rglob("*"), reverse=True):  # files, then their folders
-        _fsync(path)
-    _fsync(checkpoint)
-    record = {"step": step, "run_id": RUN_ID, "completed_at": time.time()}
-    staging = checkpoint / (COMPLETE_MARKER + ".partial")
-    with open(staging, "w") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    staging.replace(checkpoint / COMPLETE_MARKER)
-    _fsync(checkpoint)
-
-
-def _fsync(path: Path) -> None:
-    if path.is_symlink():
-        return
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+def mark_complete(checkpoint: Path, step: int, run_id: str) -> None:
+    """The marker, once everything in the folder is on disk; `run_id`: the run that wrote it (one per training run,
+    written by its main process)."""
+    fsync_tree(checkpoint)
+    with atomic_file(checkpoint / COMPLETE_MARKER) as f:
+        f.write(json.dumps({"step": step, "run_id": run_id, "completed_at": time.time()}) + "\n")
 
 
 def history(output_dir: str | Path) -> list[Path]:

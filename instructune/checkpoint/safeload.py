@@ -2,8 +2,8 @@
 
 A `.pt` file is a pickle, and unpickling can run any code the file names. DeepSpeed's zero_to_fp32
 loads its `*_states.pt` with `torch.load(weights_only=False)`, and torch's distributed-checkpoint
-reader unpickles FSDP's `.metadata` (and loads byte entries with weights_only=False). Here every
-torch.load in a conversion is weights-only with exactly the extra types ZeRO checkpoints hold, and
+reader unpickles FSDP's `.metadata` (and loads byte entries with weights_only=False). Here zero_to_fp32's every
+torch.load is weights-only with exactly the extra types ZeRO checkpoints hold, and
 `.metadata` is checked by an unpickler that resolves only the names FSDP metadata uses (both lists
 read off real ZeRO-2/3 and FSDP checkpoints); anything else is refused in one line naming the file.
 Enum members are pickled by value on some Python patch levels and as `builtins.getattr(EnumClass, name)` on
@@ -14,7 +14,9 @@ torch.distributed.checkpoint load with weights_only themselves.
 
 import contextlib
 import enum
+import importlib
 import pickle
+import unittest.mock
 from pathlib import Path
 
 import torch
@@ -57,27 +59,45 @@ def refusal(file, reason: str) -> UserError:
                      "unpickling can run code: pass --trust_checkpoint if you trust this file")
 
 
+class _WeightsOnlyTorch:
+    """`torch` as DeepSpeed's zero_to_fp32 module sees it within weights_only_loading: the same module, but its
+    `load` is weights-only with the allow-list."""
+
+    def __init__(self, checkpoint: Path):
+        self._checkpoint = checkpoint
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    def load(self, file, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(_zero_types()):
+                return torch.load(file, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            raise refusal(file if isinstance(file, (str, Path)) else self._checkpoint,
+                          str(e).splitlines()[0]) from None
+
+
+# The modules whose torch.load calls unpickle a checkpoint with weights_only=False (DeepSpeed's ZeRO converter;
+# torch's distributed-checkpoint reader for FSDP's byte entries), read off DeepSpeed 0.19 and torch 2.13.
+# tests/faults/test_enum_pickles.py fails in one line if one of them no longer does.
+UNPICKLING_MODULES = ("deepspeed.utils.zero_to_fp32", "torch.distributed.checkpoint.default_planner",
+                      "torch.distributed.checkpoint.filesystem", "torch.distributed.checkpoint.format_utils")
+
+
 @contextlib.contextmanager
 def weights_only_loading(checkpoint: Path, trust: bool = False):
-    """Within the block, every torch.load (DeepSpeed's and torch's own included) is weights-only."""
+    """Within the block, the UNPICKLING_MODULES load weights-only with the allow-list. Scoped to them (their name
+    `torch` is swapped, not torch.load itself): the rest of the process, other threads included, loads as before."""
     if trust:
         yield
         return
-    original = torch.load
-
-    def load(file, *args, **kwargs):
-        kwargs["weights_only"] = True
-        try:
-            return original(file, *args, **kwargs)
-        except pickle.UnpicklingError as e:
-            raise refusal(file if isinstance(file, (str, Path)) else checkpoint, str(e).splitlines()[0]) from None
-
-    torch.load = load
-    try:
-        with torch.serialization.safe_globals(_zero_types()):
-            yield
-    finally:
-        torch.load = original
+    with contextlib.ExitStack() as stack:
+        for name in UNPICKLING_MODULES:
+            stack.enter_context(unittest.mock.patch.object(importlib.import_module(name), "torch",
+                                                           _WeightsOnlyTorch(checkpoint)))
+        yield
 
 
 class _Refused(pickle.UnpicklingError):

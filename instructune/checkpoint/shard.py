@@ -4,13 +4,10 @@ shards of a chosen size, optionally in another dtype, one tensor at a time."""
 import json
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from instructune.checkpoint.tensorio import ShardWriter, TensorFolder, copy_model_files
+from instructune.checkpoint.tensorio import DTYPES, ShardWriter, TensorFolder, copy_model_files
 from instructune.files import atomic_folder
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def write_model_folder(tensors, destination: Path, config_source: Path, max_shard_size: str, dtype: str | None,

@@ -16,6 +16,7 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors import safe_open
@@ -28,6 +29,7 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the names the commands take
 
 
 def parse_size(size: str | int) -> int:
@@ -210,6 +212,17 @@ MODEL_FILES = re.compile(
     r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*"
     r"|merges\.txt|chat_template\.(jinja|json)|.*\.model|preprocessor_config\.json)$"
 )
+
+
+def later_names(named: Iterable[tuple[str, object]]) -> set[str]:
+    """Of (name, identity) pairs, the names whose identity came under an earlier name: a tied lm_head after the input
+    embedding it shares. They are dropped from what is saved, as save_pretrained drops them."""
+    seen, later = set(), set()
+    for name, identity in named:
+        if identity in seen:
+            later.add(name)
+        seen.add(identity)
+    return later
 
 
 def copy_model_files(source: Path, destination: Path) -> None:

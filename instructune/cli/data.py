@@ -1,12 +1,12 @@
 """`instructune data inspect` (formats, sources, duplicates, token lengths) and `instructune data filter` (keep the
-records a judge model rates highly, as AlpaGasus did)."""
+records a rater model scores highly, as AlpaGasus did; `instructune judge` is the pairwise evaluation)."""
 
 import argparse
 from pathlib import Path
 
 from instructune.cli import add_client_flags, client_from_flags
 
-HELP = "inspect instruction data, or filter it with a judge model (AlpaGasus)"
+HELP = "inspect instruction data, or filter it with a rater model (AlpaGasus)"
 
 
 def main(argv: list[str]) -> int:
@@ -25,18 +25,19 @@ def main(argv: list[str]) -> int:
     command.add_argument("--output_dir", type=Path, help="write summary.json and lengths.png here")
     command.add_argument("--show", type=int, default=3, help="how many rendered examples to print (learned span in ⟦ ⟧)")
     command.add_argument("--seed", type=int, default=42, help="the sampling seed of PATH:COUNT entries")
-    judge = commands.add_parser("filter", help="rate every record 0-5 with a judge model (OpenAI-compatible "
+    rater = commands.add_parser("filter", help="rate every record 0-5 with a rater model (OpenAI-compatible "
                                 "chat-completions endpoint) and keep those at or above --threshold")
-    judge.add_argument("datasets", nargs="+", help="files, folders or hub ids, each optionally PATH:all|COUNT|PERCENT%%")
-    judge.add_argument("--output", type=Path, required=True, help="the kept records (JSON); beside it .summary.json, "
+    rater.add_argument("datasets", nargs="+", help="files, folders or hub ids, each optionally PATH:all|COUNT|PERCENT%%")
+    rater.add_argument("--output", type=Path, required=True, help="the kept records (JSON); beside it .summary.json, "
                        ".scores.jsonl and .scores.png")
-    judge.add_argument("--judge_url", required=True, help="the API base, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
-    judge.add_argument("--judge_model", required=True)
-    judge.add_argument("--threshold", type=float, default=4.5, help="keep records rated at least this (AlpaGasus: 4.5)")
-    add_client_flags(judge, "rating requests", timeout=60.0)
-    judge.add_argument("--cache", type=Path, help="scores already paid for (default: OUTPUT.cache.jsonl); a run "
+    rater.add_argument("--rater_url", "--judge_url", dest="rater_url", required=True,
+                       help="the rater's API base, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    rater.add_argument("--rater_model", "--judge_model", dest="rater_model", required=True, help="e.g. gpt-4")
+    rater.add_argument("--threshold", type=float, default=4.5, help="keep records rated at least this (AlpaGasus: 4.5)")
+    add_client_flags(rater, "rating requests", timeout=60.0)
+    rater.add_argument("--cache", type=Path, help="scores already paid for (default: OUTPUT.cache.jsonl); a run "
                        "that was interrupted continues from it")
-    judge.add_argument("--seed", type=int, default=42, help="the sampling seed of PATH:COUNT entries")
+    rater.add_argument("--seed", type=int, default=42, help="the sampling seed of PATH:COUNT entries")
     args = parser.parse_args(argv)
     if args.command == "filter":
         return run_filter(args)
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> int:
 
 
 def run_filter(args) -> int:
-    from instructune.data.judge import rate, write_filtered
+    from instructune.data.rater import rate, write_filtered
     from instructune.data.sources import load_mix, parse_datasets
     from instructune.errors import UserError
     from instructune.files import refuse_output_over_inputs
@@ -65,11 +66,11 @@ def run_filter(args) -> int:
     for output in written:
         refuse_output_over_inputs(output, {"input data": [spec.path for spec in specs]}, "--output")
     conversations = load_mix(specs, seed=args.seed).conversations
-    client = client_from_flags(args, args.judge_url, args.judge_model, cache)
+    client = client_from_flags(args, args.rater_url, args.rater_model, cache)
     verdicts = rate(conversations, client)
     if all(score is None for score in verdicts.scores):
         reasons = ", ".join(f"{n} {reason}" for reason, n in verdicts.failures.items())
-        raise UserError(f"{args.judge_url}: every one of the {len(conversations)} rating requests failed ({reasons}); "
+        raise UserError(f"{args.rater_url}: every one of the {len(conversations)} rating requests failed ({reasons}); "
                         f"nothing written to {args.output}")
     summary = write_filtered(conversations, verdicts, args.threshold, args.output)
     print(f"{args.output}: kept {summary['kept']} of {summary['records']} records (score ≥ {args.threshold:g}), "

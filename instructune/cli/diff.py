@@ -16,6 +16,7 @@ def flag_bool(value: str) -> bool:
 
 def parser() -> argparse.ArgumentParser:
     from instructune.checkpoint import diff
+    from instructune.checkpoint.tensorio import DTYPES
 
     parser = argparse.ArgumentParser(
         prog="instructune diff",
@@ -29,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
     make.add_argument("--path_diff", required=True, help="the diff folder to create")
     make.add_argument("--exact", type=flag_bool, nargs="?", const=True, default=False,
                       help="lossless diff (XOR of bit patterns): the recovered model is bitwise the tuned one")
-    make.add_argument("--dtype", choices=sorted(diff.DIFF_DTYPES), default="fp32",
+    make.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                       help="dtype of a float diff (fp32, Alpaca's; bf16/fp16 halve the size and lose precision)")
     make.add_argument("--max_shard_size", default="2GB")
     make.add_argument("--device", default="cpu", help="where to compute (cpu, cuda)")

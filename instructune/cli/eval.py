@@ -12,7 +12,7 @@ def main(argv: list[str]) -> int:
         prog="instructune eval", description="Evaluate a model with EleutherAI's lm-eval harness, in-process. The "
         "Open LLM Leaderboard: arc_challenge (25-shot), hellaswag (10), mmlu (5), truthfulqa_mc2 (0), winogrande (5), "
         "gsm8k (5); their datasets come from the Hugging Face hub.")
-    parser.add_argument("--model", required=True, help="model folder, adapter folder, hub id or built-in name")
+    parser.add_argument("--model", "--model_name_or_path", dest="model", required=True, help="model folder, adapter folder, hub id or built-in name")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter folder to merge into the model")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. arc_challenge,hellaswag")
     parser.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")

@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="instructune generate", description="Answer instructions with a model, using the prompt template it "
         "was trained with (read from its folder; Alpaca's otherwise).")
-    parser.add_argument("--model_name_or_path", required=True, help="model folder, adapter folder, hub id or built-in name")
+    parser.add_argument("--model", "--model_name_or_path", dest="model", required=True, help="model folder, adapter folder, hub id or built-in name")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter folder to merge into the model")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--instruction", help="answer this instruction; the answer streams to the terminal")
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
     from instructune.inference.engine import answer, answer_file, load
 
     prompts = read_prompts(args.input_file) if args.input_file else None  # bad input fails before the model loads
-    engine = load(args.model_name_or_path, args.adapter, args.prompt_template)
+    engine = load(args.model, args.adapter, args.prompt_template)
     sampling = sampling_of(args)
     if prompts is not None:
         answer_file(engine, prompts, sampling, args.batch_size, Path(args.output_file))

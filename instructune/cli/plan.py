@@ -13,7 +13,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="instructune plan", description="Memory per GPU and per node of each training "
                                      "strategy, from the model's config (a model folder, config.json, a hub id in the "
                                      "local cache, or a shipped example: llama-2-7b, llama-2-13b, llama-2-70b).")
-    parser.add_argument("--model", required=True, help="model folder, config.json, cached hub id or shipped example")
+    parser.add_argument("--model", "--model_name_or_path", dest="model", required=True, help="model folder, config.json, cached hub id or shipped example")
     parser.add_argument("--gpus", type=int, default=8, help="GPUs per node")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpu_mem", type=float, default=80, help="GiB per GPU")

@@ -16,7 +16,7 @@ def main(argv: list[str]) -> int:
     defaults = Limits()
     parser = argparse.ArgumentParser(prog="instructune serve", description="Serve a model over OpenAI's API "
                                      "(/v1/models, /v1/chat/completions, /v1/completions) with a chat page at /.")
-    parser.add_argument("--model", required=True, help="model folder, adapter folder, hub id or built-in name")
+    parser.add_argument("--model", "--model_name_or_path", dest="model", required=True, help="model folder, adapter folder, hub id or built-in name")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter folder to merge into the model")
     parser.add_argument("--served_model_name", default=None, help="the name clients ask for (default: the folder's)")
     parser.add_argument("--prompt_template", default="auto", choices=("auto", "alpaca", "chat"),

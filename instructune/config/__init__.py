@@ -8,8 +8,15 @@ strategy; device.py: the CPU's adjustments), and HfArgumentParser turns it into 
 from typing import Callable
 
 from instructune.config.args import DataArguments, ModelArguments, TrainingArguments
-from instructune.config.argv import (RESOURCES, STRATEGIES, chosen_strategy, expand_config_file, expand_strategy,
-                                     shipped, translate_legacy_flags)
+from instructune.config.argv import (
+    RESOURCES,
+    STRATEGIES,
+    chosen_strategy,
+    expand_config_file,
+    expand_strategy,
+    shipped,
+    translate_legacy_flags,
+)
 from instructune.config.device import adjust_for_device, device_flags
 from instructune.errors import ConfigError
 

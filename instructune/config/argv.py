@@ -40,6 +40,8 @@ RENAMED_FLAGS = {
     "--per_gpu_eval_batch_size": "--per_device_eval_batch_size",
     "--no_cuda": "--use_cpu",
 }
+# the names every instructune command takes (train's own name for the model is Alpaca's --model_name_or_path)
+ALIASES = {"--model": "--model_name_or_path"}
 # transformers 4 flags with no transformers 5 counterpart (their behaviour is now the default)
 REMOVED_FLAGS = ("--save_safetensors", "--logging_dir", "--use_ipex", "--include_tokens_per_second")
 
@@ -146,7 +148,9 @@ def translate_legacy_flags(argv: list[str]) -> list[str]:
     """Map Alpaca-era (transformers 4) flags to transformers 5, saying so once per flag."""
     items, layer_classes = [], []
     for flag, values in _split_flags(argv):
-        if flag in RENAMED_FLAGS:
+        if flag in ALIASES:
+            items.append((ALIASES[flag], values))
+        elif flag in RENAMED_FLAGS:
             logger.info("%s is %s in transformers 5: using that", flag, RENAMED_FLAGS[flag])
             items.append((RENAMED_FLAGS[flag], values))
         elif flag in REMOVED_FLAGS:

@@ -12,7 +12,7 @@
 A 2-D attention mask, even all ones, would switch transformers' packed detection off and let sdpa
 attend across examples, so flattened batches never carry one; nor do they let the model build a
 cache (`use_cache`), which does the same. The trainer checks this on the real model before the first
-step (trainer.check_examples_stay_apart).
+step (training/trainer.py: mask_needed_to_keep_examples_apart).
 
 Every batch can also say which positions' logits the loss needs (`logits_to_keep`: the positions
 whose next token is a target), so the LM head runs only there: for Alpaca data about half the real

@@ -13,6 +13,7 @@ from pathlib import Path
 from instructune.data.encode import IGNORE_INDEX, encode_conversations
 from instructune.data.sources import DatasetSpec, load_mix
 from instructune.data.templates import render_segments
+from instructune.files import atomic_file, png_figure
 
 TARGET_START, TARGET_END = "⟦", "⟧"  # marks the learned span in the shown examples
 
@@ -63,26 +64,18 @@ def mark_targets(segments: list[tuple[str, bool]]) -> str:
 
 
 def write_report(summary: dict, lengths: dict, output_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    figure, axes = plt.subplots(figsize=(8, 4))
+    with atomic_file(output_dir / "summary.json") as f:
+        f.write(json.dumps(summary, indent=2) + "\n")
     # a few very long examples would squash the plot: show up to the max length's neighbourhood or the p99
     upper = max(1.25 * summary["model_max_length"], summary["tokens"]["total"]["p99"])
-    for name in ("prompt", "response", "total"):
-        axes.hist([min(v, upper) for v in lengths[name]], bins=60, range=(0, upper), alpha=0.5, label=name)
-    axes.axvline(summary["model_max_length"], color="black", linestyle="--", label="model_max_length")
-    axes.set_xlabel(f"tokens (longer ones counted at {upper:.0f})")
-    axes.set_ylabel("examples")
-    axes.set_title(f"{summary['records']} examples, {summary['over_max_length']} over model_max_length")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(output_dir / "lengths.png", dpi=100)
-    plt.close(figure)
+    with png_figure(output_dir / "lengths.png", size=(8, 4)) as (_, axes):
+        for name in ("prompt", "response", "total"):
+            axes.hist([min(v, upper) for v in lengths[name]], bins=60, range=(0, upper), alpha=0.5, label=name)
+        axes.axvline(summary["model_max_length"], color="black", linestyle="--", label="model_max_length")
+        axes.set_xlabel(f"tokens (longer ones counted at {upper:.0f})")
+        axes.set_ylabel("examples")
+        axes.set_title(f"{summary['records']} examples, {summary['over_max_length']} over model_max_length")
+        axes.legend()
 
 
 def format_summary(summary: dict) -> str:

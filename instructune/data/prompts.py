@@ -5,11 +5,11 @@ instruction-tuning papers use, each recognised by its keys:
 - Vicuna: text · Koala: prompt · WizardLM: Instruction
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from instructune.data.formats import json_type
+from instructune.data.sources import read_json_records
 from instructune.errors import DataError
 
 KNOWN = "instruction [+ input] (Alpaca), instruction + instances (Self-Instruct), text (Vicuna), prompt (Koala) or Instruction (WizardLM)"
@@ -25,26 +25,12 @@ class Prompt:
         return (self.instruction.strip(), self.input.strip())
 
 
-def read_records(path: str | Path) -> list[tuple[str, dict]]:
-    """[(where, record)] of a JSON list or a JSON Lines file; a bad line is an error naming it."""
+def read_records(path: str | Path) -> list[tuple[str, object]]:
+    """[(where, record)] of a JSON list or a JSON Lines file (the data reader's, U+2028 in strings included)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except ValueError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
-        return [(f"{path}: record {i}", row) for i, row in enumerate(rows)]
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append((f"{path}: line {number}", json.loads(line)))
-            except ValueError as e:
-                raise DataError(f"{path}: line {number}: not valid JSON ({e})") from None
-    return records
+    return list(read_json_records(path))
 
 
 def prompts_of(where: str, row: object) -> list[Prompt]:

@@ -118,7 +118,7 @@ def load_conversations(data_path: str, format: str | None = None, strict: bool =
     if `strict`. Raises DataError on the first structurally bad record."""
     path = Path(data_path)
     if path.is_file():
-        rows = _read_json_file(path)
+        rows = read_json_records(path)
     elif path.is_dir() or looks_like_hub_id(data_path):
         rows = _read_dataset(data_path)
     else:
@@ -145,7 +145,9 @@ def skipped_summary(skipped: Counter) -> str:
     return ", ".join(f"{n} record{'s' * (n != 1)} with an empty {name} skipped" for name, n in sorted(skipped.items()))
 
 
-def _read_json_file(path: Path) -> Iterator[tuple[str, object]]:
+def read_json_records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) of a JSON list or a JSON Lines file (a `.json` file of lines too), `where` naming the file and
+    the record or line; unreadable, non-UTF-8 or invalid JSON is a one-line DataError naming the place."""
     try:
         text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")  # a UTF-8 BOM is harmless
     except OSError as e:

@@ -18,9 +18,14 @@ logger = logging.getLogger("instructune")
 
 
 def task_manager(tasks: list[str], include_path: str | None = None):
-    """lm-eval's task index (with the YAMLs in include_path), once every task is known to be in it."""
+    """lm-eval's task index (with the YAMLs in include_path), once every task is known to be in it. Tasks that are
+    all in include_path are indexed from it alone: lm-eval's own index of some 15,000 tasks takes 8-16 s to build."""
     from lm_eval.tasks import TaskManager
 
+    if include_path:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if all(task in local.all_tasks for task in tasks):
+            return local
     manager = TaskManager(include_path=include_path)
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from instructune.data.prompts import Prompt
+from instructune.files import png_figure
 from instructune.inference.client import ChatClient, Failure
 
 SYSTEM_PROMPT = "You are a helpful and precise assistant for checking the quality of the answer."
@@ -137,24 +138,16 @@ def write_report(judged: list[Judged], names: tuple[str, str], judge_model: str,
 
 def plot(counts: dict[str, dict[str, int]], names: tuple[str, str], judge_model: str, path: Path) -> None:
     """AlpaGasus' figure: one horizontal bar per test set, split into A's wins, ties and losses."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sets = list(counts)
-    figure, axes = plt.subplots(figsize=(8, 0.6 * len(sets) + 1.6))
-    left = [0] * len(sets)
-    for outcome, colour in zip(OUTCOMES, ("#4c72b0", "#c8c8c8", "#dd8452")):
-        widths = [counts[s][outcome] for s in sets]
-        bars = axes.barh(sets, widths, left=left, color=colour, label={"win": f"{names[0]} wins", "tie": "tie",
-                                                                        "lose": f"{names[1]} wins"}[outcome])
-        axes.bar_label(bars, labels=[str(w) if w else "" for w in widths], label_type="center", fontsize=9)
-        left = [l + w for l, w in zip(left, widths)]
-    axes.invert_yaxis()
-    axes.set_xlabel("pairs of answers")
-    axes.set_title(f"{names[0]} vs {names[1]}, judged by {judge_model} in both orders", fontsize=10)
-    axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.08), ncol=3, frameon=False, fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    with png_figure(path, size=(8, 0.6 * len(sets) + 1.6)) as (_, axes):
+        left = [0] * len(sets)
+        for outcome, colour in zip(OUTCOMES, ("#4c72b0", "#c8c8c8", "#dd8452")):
+            widths = [counts[s][outcome] for s in sets]
+            bars = axes.barh(sets, widths, left=left, color=colour, label={"win": f"{names[0]} wins", "tie": "tie",
+                                                                            "lose": f"{names[1]} wins"}[outcome])
+            axes.bar_label(bars, labels=[str(w) if w else "" for w in widths], label_type="center", fontsize=9)
+            left = [l + w for l, w in zip(left, widths)]
+        axes.invert_yaxis()
+        axes.set_xlabel("pairs of answers")
+        axes.set_title(f"{names[0]} vs {names[1]}, judged by {judge_model} in both orders", fontsize=10)
+        axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.08), ncol=3, frameon=False, fontsize=9)

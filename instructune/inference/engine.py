@@ -10,7 +10,6 @@ rows in a stopping criterion. (transformers' continuous batching was measured at
 
 import json
 import logging
-import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from instructune import run_summary
 from instructune.data.formats import Message
 from instructune.data.templates import TEMPLATES, render_prompt, template_adds_special_tokens
 from instructune.errors import UserError
+from instructune.files import atomic_file
 from instructune.modeling import adapters, models
 
 logger = logging.getLogger("instructune")
@@ -322,18 +322,12 @@ def answer_all(engine: Engine, prompts: list, sampling: Sampling, batch_size: in
 def answer_file(engine: Engine, prompts: list, sampling: Sampling, batch_size: int, output: Path) -> list[tuple]:
     """Answers as {instruction, input, output, generator} lines (what the judge reads), written whole or not at all;
     returns the (prompt, answer) pairs written."""
-    partial = output.with_name(output.name + ".partial")
-    output.parent.mkdir(parents=True, exist_ok=True)
     answered = []
-    try:
-        with open(partial, "w", encoding="utf-8") as f:
-            for prompt, text in answer_all(engine, prompts, sampling, batch_size):
-                f.write(json.dumps({"instruction": prompt.instruction, "input": prompt.input, "output": text,
-                                    "generator": engine.name}) + "\n")
-                answered.append((prompt, text))
-        os.replace(partial, output)
-    finally:
-        partial.unlink(missing_ok=True)
+    with atomic_file(output) as f:
+        for prompt, text in answer_all(engine, prompts, sampling, batch_size):
+            f.write(json.dumps({"instruction": prompt.instruction, "input": prompt.input, "output": text,
+                                "generator": engine.name}) + "\n")
+            answered.append((prompt, text))
     logger.info("%d answers written to %s", len(prompts), output)
     return answered
 

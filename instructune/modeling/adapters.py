@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from instructune.checkpoint.tensorio import DTYPES
 from instructune.errors import ConfigError, UserError
 from instructune.modeling import models
 
@@ -56,8 +57,7 @@ def quantization_config(model_args, on_gpu: bool):
 
     if model_args.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    compute = dtypes[model_args.bnb_4bit_compute_dtype or ("bf16" if on_gpu else "fp32")]
+    compute = DTYPES[model_args.bnb_4bit_compute_dtype or ("bf16" if on_gpu else "fp32")]
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
                               bnb_4bit_use_double_quant=model_args.bnb_4bit_double_quant,
                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)

@@ -7,13 +7,11 @@ On first use it is dequantised and saved once as a plain Hugging Face folder in 
 
 import importlib.util
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from instructune.errors import UserError
-from instructune.files import cache_root
+from instructune.files import atomic_folder, cache_root
 
 logger = logging.getLogger("instructune")
 
@@ -68,11 +66,6 @@ def _convert(model: BuiltinModel, target: Path) -> None:
     if hasattr(network.config, "quantization_config"):
         del network.config.quantization_config
     tokenizer.model_max_length = model.context_length  # otherwise saved as 1e30
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model folder
-    try:
+    with atomic_folder(target) as staging:  # complete or absent, never half-written
         network.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        staging.rename(target)  # complete or absent, never half-written
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -86,6 +86,12 @@ def resize_embeddings(model, tokenizer, num_new_tokens: int) -> None:
             weight[-num_new_tokens:] = weight[:-num_new_tokens].mean(dim=0, keepdim=True)
 
 
+def head_dim(config) -> int:
+    """The width of one attention head: the config's own head_dim where it has one (Gemma, Qwen3), else hidden
+    size / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def parameter_count(parameter) -> int:
     """Elements of a parameter as the model uses it: a ZeRO-3 partition holds none locally (ds_numel has them), a
     4-bit weight packs two to a byte (its quant_state has the shape)."""

@@ -50,6 +50,14 @@ def enable_fsdp_on_cpu(trainer) -> None:
     trainer.is_fsdp_enabled = True
 
 
+# Library internals patched here (process-wide), with the signature relied on, as of peft 0.21 and accelerate 1.15;
+# tests/test_library_hooks.py fails naming the one that changed.
+PATCHED_INTERNALS = {
+    "peft.tuners.trainable_tokens.layer.TrainableTokensLayer._collect_token_weights": ("weight", "rows", "embed_dim"),
+    "accelerate.state.PartialState._shared_state": None,  # a dict: the distributed type AcceleratorState copies
+}
+
+
 def peft_trainable_tokens_on_cpu() -> None:
     """ZeRO-3 on the CPU: let peft's trainable token rows (a pad token added under LoRA) be read from the
     partitioned embedding.

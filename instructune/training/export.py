@@ -16,7 +16,7 @@ from pathlib import Path
 
 from instructune.data import DataStats
 from instructune.errors import ConfigError, UserError
-from instructune.files import out_of_space, refuse_output_over_inputs
+from instructune.files import atomic_file, fsync_tree, out_of_space, png_figure, refuse_output_over_inputs
 from instructune.modeling.adapters import is_adapter
 from instructune.run_summary import RUN_SUMMARY
 
@@ -75,6 +75,7 @@ def save_model_folder(trainer, metrics: dict, data_stats: DataStats, speed: dict
         shutil.rmtree(staging, ignore_errors=True)
         raise UserError(f"no space left while writing {output_dir}; the model was not saved (complete checkpoints "
                         "are intact)") from None
+    fsync_tree(staging)  # on disk before it replaces the earlier model
     move_into_place(staging, output_dir)
     losses = loss_history(trainer)
     summary = {
@@ -90,7 +91,8 @@ def save_model_folder(trainer, metrics: dict, data_stats: DataStats, speed: dict
         "heldout_losses": loss_history(trainer, "eval_loss"),
         "lm_eval": [e for e in trainer.state.log_history if any(k.startswith("lm_eval/") for k in e)],
     }
-    (output_dir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_file(output_dir / RUN_SUMMARY) as f:
+        f.write(json.dumps(summary, indent=2) + "\n")
     if losses:
         plot_loss_curve(losses, output_dir / "loss_curve.png")
 
@@ -123,17 +125,9 @@ def consolidate_zero_checkpoint(trainer, output_dir: Path) -> None:
 
 
 def plot_loss_curve(losses: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on training nodes
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4))
-    axes.plot([e["step"] for e in losses], [e["loss"] for e in losses], marker="." if len(losses) < 50 else None)
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("training loss")
-    axes.set_title("instructune: training loss")
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    with png_figure(path) as (_, axes):
+        axes.plot([e["step"] for e in losses], [e["loss"] for e in losses], marker="." if len(losses) < 50 else None)
+        axes.set_xlabel("optimizer step")
+        axes.set_ylabel("training loss")
+        axes.set_title("instructune: training loss")
+        axes.grid(alpha=0.3)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from instructune.errors import ConfigError, UserError
+from instructune.modeling.models import head_dim
 
 GIB = 2**30
 RESOURCES = Path(__file__).resolve().parents[1] / "resources"
@@ -262,7 +263,7 @@ def _shape(model: str, config, lora_targets, ranks) -> Shape:
     names = [name for name, _ in linears]
     targeted = [m for name, m in linears if lora_targets == "all-linear" or name.rsplit(".", 1)[-1] in lora_targets]
     heads = text.num_attention_heads
-    head_size = getattr(text, "head_dim", None) or text.hidden_size // heads
+    head_size = head_dim(text)
     return Shape(
         name=getattr(config, "_name_or_path", "") or model, params=params, largest_layer=largest,
         layer_params=sum(p.numel() for p in layers[0].parameters()), layers=len(layers), hidden=text.hidden_size,

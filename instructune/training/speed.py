@@ -14,12 +14,13 @@ are left out; each logged window covers the steps since the previous log.
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+
+from instructune.modeling.models import head_dim
 
 logger = logging.getLogger("instructune")
 
@@ -47,9 +48,7 @@ def matmul_parameters(model) -> int:
 def attention_width(config) -> tuple[int, int]:
     """(layers, heads × head dim) of a decoder config."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, heads * head_dim
+    return config.num_hidden_layers, config.num_attention_heads * head_dim(config)
 
 
 def device_peak_flops(device: torch.device) -> tuple[float | None, str]:
@@ -64,7 +63,7 @@ def device_peak_flops(device: torch.device) -> tuple[float | None, str]:
 
 
 def cpu_peak_flops() -> float:
-    from instructune.files import cache_root
+    from instructune.files import atomic_file, cache_root
 
     key = f"{_cpu_model()}|threads={torch.get_num_threads()}"
     path = cache_root() / "cpu_peak_flops.json"
@@ -74,10 +73,8 @@ def cpu_peak_flops() -> float:
         known = {}
     if key not in known:
         known[key] = measure_matmul_flops()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(known, indent=1))
-        temporary.replace(path)
+        with atomic_file(path) as f:
+            f.write(json.dumps(known, indent=1))
     return known[key]
 
 

@@ -42,13 +42,14 @@ def test_a_rewritten_checkpoint_killed_midway_is_not_complete(tiny_llama, tmp_pa
 
 def test_the_marker_records_step_and_run(tmp_path):
     (tmp_path / "checkpoint-3").mkdir()
-    resume.mark_complete(tmp_path / "checkpoint-3", 3)
+    resume.mark_complete(tmp_path / "checkpoint-3", 3, "run-a")
     record = json.loads((tmp_path / "checkpoint-3" / resume.COMPLETE_MARKER).read_text())
-    assert record["step"] == 3 and record["run_id"] == resume.RUN_ID and record["completed_at"] > 0
+    assert record["step"] == 3 and record["run_id"] == "run-a" and record["completed_at"] > 0
+    assert [p.name for p in (tmp_path / "checkpoint-3").iterdir()] == [resume.COMPLETE_MARKER]  # no staging left
     (tmp_path / "checkpoint-3" / resume.COMPLETE_MARKER).write_text("complete\n")  # not a marker of ours
     assert not resume.is_complete(tmp_path / "checkpoint-3")
     (tmp_path / "checkpoint-5").mkdir()
-    resume.mark_complete(tmp_path / "checkpoint-5", 4)  # a marker for another step: not this folder's
+    resume.mark_complete(tmp_path / "checkpoint-5", 4, "run-a")  # a marker for another step: not this folder's
     assert not resume.is_complete(tmp_path / "checkpoint-5")
 
 
@@ -57,7 +58,7 @@ def test_rotation_follows_the_runs_history_not_step_numbers(tmp_path):
     run 1's checkpoint-4 and deleted run 2's newest complete checkpoint."""
     for step in (2, 4, 3):  # run 1 completed 2 and 4; run 2, resumed from 2, completed 3 afterwards
         (tmp_path / f"checkpoint-{step}").mkdir()
-        resume.mark_complete(tmp_path / f"checkpoint-{step}", step)
+        resume.mark_complete(tmp_path / f"checkpoint-{step}", step, f"run-{1 if step != 3 else 2}")
     assert resume.latest_complete(tmp_path) == tmp_path / "checkpoint-3"
     resume.rotate(tmp_path, keep=1)
     assert [p.name for p in resume.checkpoints(tmp_path)] == ["checkpoint-3"]

@@ -11,9 +11,10 @@ import types
 import pytest
 import torch
 from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils import zero_to_fp32
 from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
 
-from instructune.checkpoint.safeload import check_metadata, weights_only_loading
+from instructune.checkpoint.safeload import UNPICKLING_MODULES, check_metadata, weights_only_loading
 from instructune.errors import UserError
 
 
@@ -49,7 +50,7 @@ def test_zero_optimizer_states_with_either_enum_shape_load(tmp_path, shape):
     path = saved({"zero_stage": ZeroStageEnum.gradients, "state": torch.ones(3)}, tmp_path / "optim_states.pt", shape)
     assert (b"getattr" in path.read_bytes()) == (shape == "getattr")  # the shape really is the one under test
     with weights_only_loading(tmp_path):
-        loaded = torch.load(path)
+        loaded = zero_to_fp32.torch.load(path)  # the load DeepSpeed's converter makes
     assert loaded["zero_stage"] is ZeroStageEnum.gradients and torch.equal(loaded["state"], torch.ones(3))
 
 
@@ -58,7 +59,7 @@ def test_zero_optimizer_states_with_either_enum_shape_load(tmp_path, shape):
 def test_any_other_getattr_is_refused(tmp_path, owner, name):
     path = saved({"x": Attribute(owner, name)}, tmp_path / "optim_states.pt")
     with weights_only_loading(tmp_path), pytest.raises(UserError, match="holds objects other than plain weights"):
-        torch.load(path)
+        zero_to_fp32.torch.load(path)
 
 
 @pytest.mark.parametrize("shape", ["value", "getattr"])
@@ -76,3 +77,18 @@ def test_fsdp_metadata_with_another_getattr_is_refused(tmp_path, owner, name):
     (tmp_path / ".metadata").write_bytes(pickle.dumps({"x": Attribute(owner, name)}, protocol=4))
     with pytest.raises(UserError, match=r"holds objects other than plain weights \(names builtins.getattr"):
         check_metadata(tmp_path / ".metadata")
+
+
+def test_the_weights_only_loading_is_scoped_to_the_modules_that_unpickle(tmp_path):
+    """Each module named still calls torch.load (a library that moved it would otherwise go unguarded), and within
+    the block the rest of the process loads as before (torch.load itself is not replaced)."""
+    import importlib
+    import inspect
+
+    for name in UNPICKLING_MODULES:
+        assert "torch.load(" in inspect.getsource(importlib.import_module(name)), f"{name} no longer calls torch.load"
+    path = saved({"x": Attribute(pathlib.PosixPath, "cwd")}, tmp_path / "other.pt")
+    with weights_only_loading(tmp_path):
+        assert torch.load(path, weights_only=False)["x"] == pathlib.PosixPath.cwd  # not ours to restrict
+        with pytest.raises(UserError):
+            zero_to_fp32.torch.load(path)

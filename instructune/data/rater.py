@@ -1,4 +1,4 @@
-"""The AlpaGasus-style quality filter: a judge model rates every record 0–5 for the accuracy and helpfulness of
+"""The AlpaGasus-style quality filter (`data filter`): a rater model scores every record 0–5 for the accuracy and helpfulness of
 its response, and the records at or above a threshold are kept (AlpaGasus kept Alpaca's records rated
 4.5 and up: about 9K of 52K, and a better model trained in a fraction of the time).
 
@@ -8,12 +8,12 @@ are not cached, so running the same command again retries only them.
 
 import json
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from instructune.data.formats import Conversation
+from instructune.files import atomic_file, png_figure
 from instructune.inference.client import ChatClient, Failure
 
 SYSTEM_PROMPT = "You are a meticulous reviewer of training data for instruction-following language models."
@@ -33,7 +33,7 @@ SCORE_ANYWHERE = re.compile(r"\bscore\s*(?:is|of|[:=])?\s*" + NUMBER, re.IGNOREC
 
 
 def describe(conversation: Conversation) -> str:
-    """The record as the judge sees it."""
+    """The record as the rater sees it."""
     if not conversation.multi_turn:
         user, assistant = conversation.messages
         text = f"### Instruction:\n{user.content}\n\n"
@@ -47,7 +47,7 @@ def rating_request(conversation: Conversation) -> list[dict]:
 
 
 def parse_score(reply: str) -> tuple[float, str] | None:
-    """(score, reason) from a judge's reply: the score on its first non-empty line ('4.5', 'Score: 4', '4/5'),
+    """(score, reason) from a rater's reply: the score on its first non-empty line ('4.5', 'Score: 4', '4/5'),
     or stated as 'score: X' anywhere; None if there is none in 0–5 (on another scale, '4.5/10', or negative)."""
     lines = [line for line in reply.strip().split("\n") if line.strip()]
     if not lines:
@@ -100,30 +100,22 @@ def write_filtered(conversations: list[Conversation], verdicts: Verdicts, thresh
     summary = {"records": len(conversations), "kept": len(kept), "dropped": len(rated) - len(kept),
                "failed": len(conversations) - len(rated), "failures": dict(verdicts.failures), "threshold": threshold,
                "score_histogram": {f"{k:g}": v for k, v in sorted(Counter(rated).items())}}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=output.parent, prefix=f".{output.name}.", delete=False, encoding="utf-8") as f:
+    with atomic_file(output) as f:
         json.dump([as_row(c) for c in kept], f, indent=1, ensure_ascii=False)
-    Path(f.name).replace(output)
     scores = [{"source": c.source, "score": s, "reason": r} for c, s, r in zip(conversations, verdicts.scores, verdicts.reasons)]
-    output.with_suffix(".scores.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in scores))
-    output.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_file(output.with_suffix(".scores.jsonl")) as f:
+        f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in scores)
+    with atomic_file(output.with_suffix(".summary.json")) as f:
+        f.write(json.dumps(summary, indent=2) + "\n")
     plot_scores(rated, threshold, output.with_suffix(".scores.png"))
     return summary
 
 
 def plot_scores(scores: list[float], threshold: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     counts = Counter(scores)
-    figure, axes = plt.subplots(figsize=(7, 4))
-    axes.bar([f"{s:g}" for s in sorted(counts)], [counts[s] for s in sorted(counts)],
-             color=["tab:green" if s >= threshold else "tab:gray" for s in sorted(counts)])
-    axes.set_xlabel(f"judge score (kept: ≥ {threshold:g})")
-    axes.set_ylabel("records")
-    axes.set_title(f"{len(scores)} records rated, {sum(s >= threshold for s in scores)} kept")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    with png_figure(path) as (_, axes):
+        axes.bar([f"{s:g}" for s in sorted(counts)], [counts[s] for s in sorted(counts)],
+                 color=["tab:green" if s >= threshold else "tab:gray" for s in sorted(counts)])
+        axes.set_xlabel(f"rater's score (kept: ≥ {threshold:g})")
+        axes.set_ylabel("records")
+        axes.set_title(f"{len(scores)} records rated, {sum(s >= threshold for s in scores)} kept")

@@ -1,0 +1,39 @@
+"""The library internals instructune relies on still exist with the parameters it uses (#21 §3): the Trainer's
+private hooks (training/trainer.py: PRIVATE_HOOKS) and the internals patched on the CPU (training/distributed.py:
+PATCHED_INTERNALS). A transformers, peft or accelerate release that renames one fails here, naming it, instead of
+somewhere in a training run."""
+
+import importlib
+import inspect
+
+import pytest
+from transformers import Trainer
+
+from instructune.training.distributed import PATCHED_INTERNALS
+from instructune.training.trainer import PRIVATE_HOOKS, InstructTrainer
+
+
+@pytest.mark.parametrize("name, parameters", sorted(PRIVATE_HOOKS.items()))
+def test_the_trainers_private_hooks_are_still_there(name, parameters):
+    assert hasattr(Trainer, name), f"transformers' Trainer has no {name} any more: see PRIVATE_HOOKS"
+    found = list(inspect.signature(getattr(Trainer, name)).parameters)[1:]
+    assert found[: len(parameters)] == list(parameters), f"Trainer.{name}{tuple(found)}: expected {parameters}"
+    assert name in vars(InstructTrainer) or name == "_get_output_dir"  # each one listed is really used
+
+
+@pytest.mark.parametrize("path, parameters", sorted(PATCHED_INTERNALS.items()))
+def test_the_patched_internals_are_still_there(path, parameters):
+    module_name, owner_name, attribute = path.rsplit(".", 2)
+    owner = getattr(importlib.import_module(module_name), owner_name)
+    assert hasattr(owner, attribute), f"{path} is gone: see PATCHED_INTERNALS in training/distributed.py"
+    value = getattr(owner, attribute)
+    if parameters is None:
+        assert isinstance(value, dict), f"{path} is no longer a dict"
+    else:
+        assert list(inspect.signature(value).parameters)[1:] == list(parameters), f"{path} changed its parameters"
+
+
+def test_every_private_method_the_trainer_overrides_is_listed():
+    """A new private override must be listed (and so tested) too."""
+    private = {name for name in vars(InstructTrainer) if name.startswith("_") and not name.startswith("__")}
+    assert private <= set(PRIVATE_HOOKS), private - set(PRIVATE_HOOKS)
