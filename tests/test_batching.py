@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from instructune.modeling import models
 from instructune.cli import main
 from instructune.data import IGNORE_INDEX, encode_conversations, load_conversations
 from instructune.data.batching import Collator, next_token_is_target, pack, pack_best_fit_decreasing
 from instructune.errors import UserError
+from instructune.modeling import models
 from instructune.training.trainer import causal_mask_from_positions, mask_needed_to_keep_examples_apart, target_token_loss
 
 from conftest import SAMPLE_DATA

@@ -6,10 +6,10 @@ import logging
 
 import pytest
 
-from instructune.modeling import models
 from instructune.cli import main
 from instructune.data import encode_conversations, load_conversations
 from instructune.data.cache import encode_cached
+from instructune.modeling import models
 
 from conftest import SAMPLE_DATA
 from test_train import tiny_run_flags

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from instructune.checkpoint import diff
-from instructune.errors import UserError
 from instructune.checkpoint.tensorio import ShardWriter, TensorFolder
+from instructune.errors import UserError
 
 from conftest import PYTHON, assert_same_tensors, run_command
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import DataCollatorForSeq2Seq
 
-from instructune.modeling import models
 from instructune.data import IGNORE_INDEX, encode_conversations, load_conversations, render_prompt
 from instructune.data.formats import instruction
+from instructune.modeling import models
 
 from conftest import SAMPLE_DATA
 

@@ -130,11 +130,11 @@ def test_duplicates_are_removed_across_sets(tmp_path):
     assert len(load_mix(parse_datasets(f"{a},{b}"), dedup=False).conversations) == 5
 
 
-def test_data_inspect(tmp_path, smollm2):
+def test_data_inspect(tmp_path, smollm2, capsys):
     share = write(tmp_path / "share.json", SHAREGPT, lines=False)
-    result = run_command([PYTHON, "-m", "instructune.cli", "data", "inspect", str(SAMPLE_DATA), f"{share}:all",
-                          "--model_max_length", "128", "--output_dir", str(tmp_path / "report"), "--show", "1"])
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert main(["data", "inspect", str(SAMPLE_DATA), f"{share}:all", "--model_max_length", "128", "--output_dir",
+                 str(tmp_path / "report"), "--show", "1"]) == 0
+    printed = capsys.readouterr().out
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert summary["formats"] == {"alpaca": 125, "sharegpt": 2} and summary["records"] == 127
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
@@ -143,7 +143,7 @@ def test_data_inspect(tmp_path, smollm2):
     assert summary["over_max_length"] == sum(len(e["input_ids"]) > 128 for e in examples) > 0
     assert summary["tokens"]["total"]["max"] == max(len(e["input_ids"]) for e in examples)
     assert (tmp_path / "report" / "lengths.png").read_bytes()[:4] == b"\x89PNG"
-    assert "### Response:⟦" in result.stdout and "formats: alpaca 125, sharegpt 2" in result.stdout
+    assert "### Response:⟦" in printed and "formats: alpaca 125, sharegpt 2" in printed
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from instructune.cli import main
 from instructune.eval.pairwise import parse_scores, verdict
 
 from conftest import PYTHON, run_command
@@ -42,7 +43,7 @@ def judge():
     server.close()
 
 
-def test_counts_per_test_set_with_order_swaps_disagreements_and_failures(judge, tmp_path):
+def test_counts_per_test_set_with_order_swaps_disagreements_and_failures(judge, tmp_path, monkeypatch, capsys):
     vicuna, koala = tmp_path / "vicuna_test_set.jsonl", tmp_path / "koala_test_set.jsonl"
     questions = ["Q1 better", "Q2 equal", "Q3 worse", "Q4 [bias=first]", "Q5 [say=I will not score this]"]
     vicuna.write_text("\n".join(json.dumps({"question_id": i, "text": q}) for i, q in enumerate(questions)))
@@ -50,11 +51,12 @@ def test_counts_per_test_set_with_order_swaps_disagreements_and_failures(judge, 
     koala.write_text("\n".join(json.dumps({"id": f"koala_{i}", "prompt": p}) for i, p in enumerate(prompts)))
     a = answers(tmp_path / "a.jsonl", zip(questions + prompts, ["[q=8]", "[q=5]", "[q=3]", "x", "x", "[q=9]", "x", "[q=2]"]))
     b = answers(tmp_path / "b.jsonl", zip(questions + prompts, ["[q=6]", "[q=5]", "[q=7]", "y", "y", "[q=2]", "y", "[q=6]"]))
-    command = [PYTHON, "-m", "instructune.cli", "judge", "--test_set", str(vicuna), str(koala), "--answers_a", a,
-               "--answers_b", b, "--name_a", "tuned", "--name_b", "base", "--judge_url", judge.url, "--judge_model",
-               "scripted", "--output_dir", str(tmp_path / "out"), "--retries", "0"]
-    result = run_command(command, OPENAI_API_KEY="judge-key")
-    assert result.returncode == 0, result.stderr[-3000:]
+    command = ["judge", "--test_set", str(vicuna), str(koala), "--answers_a", a, "--answers_b", b, "--name_a", "tuned",
+               "--name_b", "base", "--judge_url", judge.url, "--judge_model", "scripted", "--output_dir",
+               str(tmp_path / "out"), "--retries", "0"]
+    monkeypatch.setenv("OPENAI_API_KEY", "judge-key")
+    assert main(command) == 0
+    printed = capsys.readouterr().out
     report = json.loads((tmp_path / "out" / "judgement.json").read_text())
     assert report["counts"] == {
         "vicuna": {"win": 1, "tie": 2, "lose": 1, "failed": 1},
@@ -67,11 +69,10 @@ def test_counts_per_test_set_with_order_swaps_disagreements_and_failures(judge, 
     assert by_question["Q4 [bias=first]"]["verdict"] == "tie" and by_question["Q1 better"]["reasons"][0]
     assert by_question["K2 [fail=400x1]"]["verdict"] == "failed"
     assert (tmp_path / "out" / "judgement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "vicuna       win    1  tie    2  lose    1  (failed: 1)" in result.stdout
+    assert "vicuna       win    1  tie    2  lose    1  (failed: 1)" in printed
     assert judge.requests["K1 better"] == 2  # once per order
 
-    again = run_command(command, OPENAI_API_KEY="judge-key")  # only the failed replies are asked again
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert main(command) == 0  # only the failed replies are asked again
     assert judge.requests["K1 better"] == 2 and judge.requests["K2 [fail=400x1]"] == 3
     counts = json.loads((tmp_path / "out" / "judgement.json").read_text())["counts"]
     assert counts["koala"] == {"win": 1, "tie": 1, "lose": 1, "failed": 0} and counts["vicuna"]["failed"] == 1

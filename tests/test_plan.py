@@ -8,8 +8,8 @@ import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from instructune.training import plan as planner
 from instructune.errors import ConfigError
+from instructune.training import plan as planner
 from instructune.training.plan import GIB, Hardware, Workload, choose, plan, shape_of
 
 from conftest import PYTHON, SAMPLE_DATA, run_command

@@ -7,12 +7,12 @@ import logging
 import pytest
 import torch
 
-from instructune.modeling import models
 from instructune.cli import main
 from instructune.config.argv import translate_legacy_flags
+from instructune.config.device import cpu_has_bf16
 from instructune.data import encode_conversations, load_conversations
 from instructune.data.batching import Collator
-from instructune.config.device import cpu_has_bf16
+from instructune.modeling import models
 from instructune.training.speed import SpeedMeter, matmul_parameters
 
 from conftest import SAMPLE_DATA

@@ -6,8 +6,8 @@ import logging
 import pytest
 
 from instructune.checkpoint import diff
-from instructune.errors import UserError
 from instructune.checkpoint.tensorio import TensorFolder
+from instructune.errors import UserError
 
 from conftest import PYTHON, run_command
 from test_diff import make_tuned
@@ -112,6 +112,7 @@ def test_stale_partial_folders_are_removed_by_the_next_run(made, tmp_path):
     assert not stale.exists() and (tmp_path / "out" / "config.json").exists()
 
 
+@pytest.mark.slow  # a launched process
 def test_a_full_disk_is_one_line_with_nothing_written(tiny_llama, tmp_path):
     """`ulimit -f` (in 1 KiB blocks) stands in for a full disk: the write fails with EFBIG as it would with ENOSPC."""
     target = tmp_path / "resharded"

@@ -4,11 +4,12 @@ empties it first, and a resumed run's final model replaces the earlier weights i
 import json
 import shutil
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from instructune.cli import main
 from instructune.checkpoint.tensorio import TensorFolder
+from instructune.cli import main
 
 from conftest import PYTHON, SAMPLE_DATA, assert_same_tensors, run_command
 from test_train import tiny_run_flags
@@ -68,6 +69,7 @@ def test_the_base_model_folder_is_refused(tiny_llama, capsys):
     assert sorted(p.name for p in tiny_llama.iterdir()) == files
 
 
+@pytest.mark.slow  # a launched process
 def test_a_full_disk_at_the_final_save_is_one_line(tiny_llama, tmp_path):
     out = tmp_path / "out"
     flags = " ".join(tiny_run_flags(tiny_llama, out, steps=1)).replace("200KB", "5GB")  # one file, over the limit
