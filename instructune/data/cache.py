@@ -60,9 +60,7 @@ def encode_cached(conversations: list[Conversation], tokenizer, template: str, m
             _tokenise_into(folder, rows, tokenizer, settings, workers)
             logger.info("tokenised %d records in %.1f s (cache miss; saved in %s)", len(rows),
                         time.perf_counter() - started, folder)
-            columns = _load_checked(folder)
-            if columns is None:
-                raise RuntimeError(f"{folder}: the tokenised data just written does not read back")
+            columns = _columns(folder)  # just written (by this run or one that won the rename): not hashed again
         else:
             logger.info("tokenised data: cache hit (%s)", folder)
     examples, stats = examples_and_stats(columns)
@@ -127,10 +125,15 @@ def _file_hash(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _load_checked(folder: Path) -> dict[str, list] | None:
-    """The entry's columns, or None when there is none or it is damaged (then it is moved aside and removed)."""
+def _columns(folder: Path) -> dict[str, list]:
     import datasets
 
+    table = datasets.load_from_disk(str(folder)).data
+    return {name: table.column(name).to_pylist() for name in ("input_ids", "labels", "length", "outcome")}
+
+
+def _load_checked(folder: Path) -> dict[str, list] | None:
+    """The entry's columns, or None when there is none or it is damaged (then it is moved aside and removed)."""
     if not folder.exists():
         return None
     try:
@@ -138,10 +141,10 @@ def _load_checked(folder: Path) -> dict[str, list] | None:
         files = {path.name for path in folder.iterdir()} - {MARKER}
         if files != set(marker["files"]) or any(_file_hash(folder / name) != marker["files"][name] for name in files):
             raise ValueError("its files differ from those it was written with")
-        table = datasets.load_from_disk(str(folder)).data
-        if table.num_rows != marker["rows"]:
-            raise ValueError(f"{table.num_rows} rows, {marker['rows']} written")
-        return {name: table.column(name).to_pylist() for name in ("input_ids", "labels", "length", "outcome")}
+        columns = _columns(folder)
+        if len(columns["length"]) != marker["rows"]:
+            raise ValueError(f"{len(columns['length'])} rows, {marker['rows']} written")
+        return columns
     except FileNotFoundError as e:
         if e.filename and Path(e.filename).name == MARKER:  # a folder without its marker: an older version's, or a torn one
             reason = "no completion marker"
