@@ -130,6 +130,16 @@ def launch_server(model, *flags, **env) -> tuple[subprocess.Popen, int]:
     pytest.fail("the server did not come up in 180 s")
 
 
+@pytest.fixture(scope="session")
+def ranks(tmp_path_factory):
+    """Two gloo ranks for the whole run, handed 2-process jobs: `ranks.torchrun(SCRIPT, *ARGS)` (rank_pool.py)."""
+    from rank_pool import RankPool
+
+    pool = RankPool(tmp_path_factory.mktemp("rank-pool"))
+    yield pool
+    pool.stop()
+
+
 def assert_same_tensors(got: dict, expected: dict, tolerance: float = 0.0) -> None:
     """Same non-empty set of names, and every tensor equal (bitwise, or within `tolerance`)."""
     import torch

@@ -162,11 +162,10 @@ def test_what_takes_no_adapter_says_so(tiny_llama, tiny_opt, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["zero2", "zero3", "fsdp"])
-def test_lora_on_two_processes_merges_to_the_ddp_model(strategy, tiny_llama, tmp_path):
+def test_lora_on_two_processes_merges_to_the_ddp_model(strategy, tiny_llama, ranks, tmp_path):
     """2 ranks: the same adapter, merged, under DDP and under ZeRO-2, ZeRO-3 (every weight really partitioned:
     stage3_param_persistence_threshold 0) or FSDP; the pad row that training added is saved either way."""
     from conftest import REPO
-    from test_distributed import torchrun
 
     config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
@@ -178,7 +177,7 @@ def test_lora_on_two_processes_merges_to_the_ddp_model(strategy, tiny_llama, tmp
         flags = tiny_run_flags(tiny_llama, tmp_path / name, steps=6, learning_rate=1e-2) + [
             "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.0", "--lora_target_modules", "all-linear",
             "--merge_adapter", "True", *extra]
-        result = torchrun("train.py", *flags)
+        result = ranks.torchrun("train.py", *flags)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "LoRA r=8" in result.stderr
         merged[name] = AutoModelForCausalLM.from_pretrained(tmp_path / name / "merged", dtype=torch.float32).state_dict()

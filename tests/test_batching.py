@@ -213,16 +213,14 @@ def test_packing_trains_with_fewer_fuller_steps(tiny_llama, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_loss_is_the_mean_over_the_steps_targets_across_ranks_and_micro_batches(tiny_llama, tmp_path):
+def test_loss_is_the_mean_over_the_steps_targets_across_ranks_and_micro_batches(tiny_llama, ranks, tmp_path):
     """2 ranks × 2 accumulated padding-free micro-batches of 2 = one process's padded batch of 8: the same weights."""
-    from test_distributed import torchrun
-
     model = without_dropout(tiny_llama, tmp_path / "model")
     single = train_weights(model, tmp_path / "single")
     flags = tiny_run_flags(model, tmp_path / "ranks", steps=6, learning_rate=0.5) + [
         "--optim", "sgd", "--padding_free", "True", "--per_device_train_batch_size", "2",
         "--gradient_accumulation_steps", "2"]
-    result = torchrun("train.py", *flags)
+    result = ranks.torchrun("train.py", *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = {k: v for s in sorted((tmp_path / "ranks").glob("model-*.safetensors")) for k, v in load_file(s).items()}
     assert single.keys() == ranks.keys()

@@ -13,7 +13,7 @@ from instructune.cli import main
 from instructune.errors import UserError
 from instructune.inference.engine import Sampling, answer, wrap
 
-from conftest import PYTHON, REPO, assert_same_tensors, run_command
+from conftest import REPO, assert_same_tensors, run_command
 from test_train import tiny_run_flags
 
 
@@ -54,15 +54,20 @@ def test_convert_refuses_what_it_cannot_read(tiny_llama, tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ") and not (tmp_path / "out").exists()
 
 
-def check_zero_checkpoint_converts(checkpoint, trained_dir, destination, tied: bool) -> None:
-    """A ZeRO checkpoint taken at the last step converts (scripts/zero_to_hf.sh) to the trained model: the same fp32
-    weights (the checkpoint holds the fp32 master weights), tied weights stored once, the same answers. Called by
-    test_distributed.py's ZeRO-2/3 runs of LLaMA and OPT, which save that checkpoint."""
+def check_zero_checkpoint_converts(checkpoint, trained_dir, destination, tied: bool, script: bool) -> None:
+    """A ZeRO checkpoint taken at the last step converts (`instructune convert`; with `script`, through
+    scripts/zero_to_hf.sh in its own process) to the trained model: the same fp32 weights (the checkpoint holds the
+    fp32 master weights), tied weights stored once, the same answers. Called by test_distributed.py's ZeRO-2/3 runs
+    of LLaMA and OPT, which save that checkpoint."""
     from transformers import AutoTokenizer
 
     assert any(checkpoint.glob("global_step*"))
-    converted = run_command(["bash", "scripts/zero_to_hf.sh", str(checkpoint), str(destination), "--max_shard_size", "200KB"])
-    assert converted.returncode == 0, converted.stderr[-3000:]
+    flags = [str(checkpoint), str(destination), "--max_shard_size", "200KB"]
+    if script:
+        converted = run_command(["bash", "scripts/zero_to_hf.sh", *flags])
+        assert converted.returncode == 0, converted.stderr[-3000:]
+    else:
+        assert main(["convert", *flags]) == 0
     trained = AutoModelForCausalLM.from_pretrained(trained_dir, dtype=torch.float32)
     loaded = AutoModelForCausalLM.from_pretrained(destination, dtype=torch.float32)
     assert_same_tensors(loaded.state_dict(), trained.state_dict())
@@ -78,21 +83,19 @@ def check_zero_checkpoint_converts(checkpoint, trained_dir, destination, tied: b
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_fsdp_sharded_checkpoint_converts_and_final_model_is_saved(tiny_llama, tmp_path):
+def test_fsdp_sharded_checkpoint_converts_and_final_model_is_saved(tiny_llama, ranks, tmp_path):
     """With state_dict_type SHARDED_STATE_DICT the Trainer alone saves no final weights; ours does, and the
     sharded checkpoint (torch distributed-checkpoint format) converts to the same weights."""
     fsdp_config = json.loads((REPO / "ds_configs" / "fsdp_full_shard.json").read_text())
     fsdp_config["state_dict_type"] = "SHARDED_STATE_DICT"
     (tmp_path / "fsdp.json").write_text(json.dumps(fsdp_config))
-    trained = run_command([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29810",
-                           "train.py", *tiny_run_flags(tiny_llama, tmp_path / "out", steps=8), "--fsdp",
-                           "full_shard auto_wrap", "--fsdp_config", str(tmp_path / "fsdp.json"),
-                           "--save_strategy", "steps", "--save_steps", "8"])
+    trained = ranks.torchrun("train.py", *tiny_run_flags(tiny_llama, tmp_path / "out", steps=8), "--fsdp",
+                             "full_shard auto_wrap", "--fsdp_config", str(tmp_path / "fsdp.json"),
+                             "--save_strategy", "steps", "--save_steps", "8")
     assert trained.returncode == 0, trained.stderr[-3000:]
     checkpoint = tmp_path / "out" / "checkpoint-8"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "config.json").exists()
-    converted = run_command([PYTHON, "-m", "instructune.cli", "convert", str(checkpoint), str(tmp_path / "hf")])
-    assert converted.returncode == 0, converted.stderr[-3000:]
+    assert main(["convert", str(checkpoint), str(tmp_path / "hf")]) == 0
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).state_dict()
     assert_same_tensors(loaded, final)

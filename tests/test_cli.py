@@ -9,7 +9,7 @@ from instructune.config import parse_train_args
 from instructune.config.argv import expand_config_file, translate_legacy_flags
 from instructune.errors import ConfigError
 
-from conftest import PYTHON, REPO, SAMPLE_DATA, run_command
+from conftest import REPO, SAMPLE_DATA
 
 
 def test_alpaca_flags_are_mapped_to_transformers_5(caplog):
@@ -79,14 +79,13 @@ def test_alpaca_recipes_train_on_the_real_52k_set():
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_every_config_file_trains(config, request, tmp_path):
+def test_every_config_file_trains(config, request, ranks, tmp_path):
     """Each recipe as it stands (strategy, precision, schedule, batch, FSDP layer class), on 2 CPU processes; only
     model (a tiny one of the recipe's family), data, output and length are overridden."""
     tiny_model = request.getfixturevalue("tiny_opt" if config.name.startswith("opt") else "tiny_llama")
-    result = run_command([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(29900 + CONFIGS.index(config)), "train.py", "--config", str(config),
-                          "--model_name_or_path", str(tiny_model), "--data_path", str(SAMPLE_DATA),
-                          "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--disable_tqdm", "True"])
+    result = ranks.torchrun("train.py", "--config", str(config), "--model_name_or_path", str(tiny_model), "--data_path",
+                            str(SAMPLE_DATA), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+                            "--disable_tqdm", "True")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "train_results.json").read_text())
     assert summary["world_size"] == 2 and len(summary["losses"]) == 1

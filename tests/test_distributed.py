@@ -1,6 +1,7 @@
 """2 processes on the CPU (gloo), one job at a time: each strategy really is that strategy, the loss falls,
 the saved folder loads, and DDP, ZeRO-2, ZeRO-3 and FSDP end with the same weights (fp32, same seed).
-Launchers: torchrun, the deepspeed launcher, and torchrun as 2 nodes on loopback."""
+The jobs run in the test run's two pooled ranks (conftest's `ranks`); the launchers are launched for real:
+torchrun (Alpaca's FSDP command), the deepspeed launcher, torchrun as 2 nodes on loopback, and the Slurm script."""
 
 import json
 import os
@@ -56,7 +57,7 @@ def equivalence_flags(model, output_dir) -> list[str]:
     return tiny_run_flags(model, output_dir, steps=16, learning_rate=1e-3)
 
 
-def train_with(model, output_dir, *flags, launcher=torchrun, script="train.py", steps=None) -> dict:
+def train_with(model, output_dir, *flags, launcher, script="train.py", steps=None) -> dict:
     run_flags = equivalence_flags(model, output_dir) if steps is None else tiny_run_flags(model, output_dir, steps=steps)
     result = launcher(script, *run_flags, *flags)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -64,12 +65,12 @@ def train_with(model, output_dir, *flags, launcher=torchrun, script="train.py", 
 
 
 @pytest.fixture(scope="module")
-def ddp_weights(tmp_path_factory, tiny_llama, tiny_opt):
+def ddp_weights(ranks, tmp_path_factory, tiny_llama, tiny_opt):
     """The DDP run of each tiny model (the reference), checked to be data-parallel with identical ranks."""
     runs = {}
     for name, model in (("llama", tiny_llama), ("opt", tiny_opt)):
         work = tmp_path_factory.mktemp(f"ddp-{name}")
-        result = torchrun("tests/helpers/train_and_dump.py", str(work), *equivalence_flags(model, work / "out"))
+        result = ranks.torchrun("tests/helpers/train_and_dump.py", str(work), *equivalence_flags(model, work / "out"))
         assert result.returncode == 0, result.stderr[-4000:]
         summary = check_model_folder(work / "out", model, world_size=2, loss_drop=0.2)
         assert summary["strategy"] == "ddp" and summary["model_wrapper"] == "DistributedDataParallel"
@@ -82,11 +83,11 @@ def ddp_weights(tmp_path_factory, tiny_llama, tiny_opt):
 
 @pytest.mark.parametrize("model_name", ["llama", "opt"])
 @pytest.mark.parametrize("strategy", ["zero2", "zero3", "fsdp"])
-def test_strategies_train_the_same_model(strategy, model_name, ddp_weights, request, tmp_path):
+def test_strategies_train_the_same_model(strategy, model_name, ddp_weights, ranks, request, tmp_path):
     model = request.getfixturevalue(f"tiny_{model_name}")
     zero = strategy.startswith("zero")  # its last-step checkpoint must also convert to the same model
     summary = train_with(model, tmp_path / "out", "--strategy", strategy,
-                         *(["--save_strategy", "steps", "--save_steps", "16"] if zero else []))
+                         *(["--save_strategy", "steps", "--save_steps", "16"] if zero else []), launcher=ranks.torchrun)
     assert summary["strategy"] == STRATEGY_NAMES[strategy]
     assert summary["model_wrapper"].startswith(WRAPPERS[strategy])
     assert max_difference(weights(tmp_path / "out"), ddp_weights[model_name]) < 1e-5
@@ -94,16 +95,16 @@ def test_strategies_train_the_same_model(strategy, model_name, ddp_weights, requ
         assert "lm_head.weight" not in TensorFolder(tmp_path / "out").names()
     if zero:
         check_zero_checkpoint_converts(tmp_path / "out" / "checkpoint-16", tmp_path / "out", tmp_path / "hf",
-                                       tied=model_name == "opt")
+                                       tied=model_name == "opt", script=(strategy, model_name) == ("zero3", "llama"))
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp", "fsdp_offload"])
-def test_bf16_and_gradient_checkpointing(strategy, tiny_llama, tmp_path):
+def test_bf16_and_gradient_checkpointing(strategy, tiny_llama, ranks, tmp_path):
     dump = tmp_path / "dump"
     dump.mkdir()
     summary = train_with(tiny_llama, tmp_path / "out", "--strategy", strategy, "--bf16", "True",
                          "--gradient_checkpointing", "True", script="tests/helpers/train_and_dump.py",
-                         launcher=lambda script, *args: torchrun(script, str(dump), *args),
+                         launcher=lambda script, *args: ranks.torchrun(script, str(dump), *args),
                          steps=8)  # bf16 steps are slow on CPUs without native bf16; 8 show the loss falling
     family = strategy.removesuffix("_offload")
     assert summary["strategy"] == STRATEGY_NAMES[family] and summary["model_wrapper"].startswith(WRAPPERS[family])
@@ -119,12 +120,12 @@ def test_alpaca_fsdp_command(tiny_llama, tmp_path):
     assert summary["strategy"] == "fsdp" and summary["model_wrapper"].startswith("FSDP")
 
 
-def test_zero3_without_gathered_save_is_consolidated(ddp_weights, tiny_llama, tmp_path):
+def test_zero3_without_gathered_save_is_consolidated(ddp_weights, tiny_llama, ranks, tmp_path):
     """Alpaca's own offload config does not gather weights on save; the output is a full folder all the same."""
     config = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
     config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
     (tmp_path / "z3.json").write_text(json.dumps(config))
-    summary = train_with(tiny_llama, tmp_path / "out", "--deepspeed", str(tmp_path / "z3.json"))
+    summary = train_with(tiny_llama, tmp_path / "out", "--deepspeed", str(tmp_path / "z3.json"), launcher=ranks.torchrun)
     assert summary["strategy"] == "deepspeed-zero3"
     assert not list((tmp_path / "out").glob("global_step*")) and not (tmp_path / "out" / "latest").exists()
     assert max_difference(weights(tmp_path / "out"), ddp_weights["llama"]) < 1e-5
@@ -176,16 +177,16 @@ def test_the_slurm_script_trains_the_ddp_model(ddp_weights, tiny_llama, tmp_path
     assert max_difference(weights(tmp_path / "out"), ddp_weights["llama"]) < 1e-5
 
 
-def test_padding_free_under_fsdp_trains_the_ddp_model(ddp_weights, tiny_llama, tmp_path):
+def test_padding_free_under_fsdp_trains_the_ddp_model(ddp_weights, tiny_llama, ranks, tmp_path):
     """The same batches flattened: equal to padded DDP up to AdamW's amplified round-off (see test_batching)."""
-    summary = train_with(tiny_llama, tmp_path / "out", "--strategy", "fsdp", "--padding_free", "True")
+    summary = train_with(tiny_llama, tmp_path / "out", "--strategy", "fsdp", "--padding_free", "True", launcher=ranks.torchrun)
     assert summary["strategy"] == "fsdp" and summary["speed"]["padding_fraction"] == 0.0
     assert max_difference(weights(tmp_path / "out"), ddp_weights["llama"]) < 1e-3
 
 
-def test_packing_under_zero3_with_a_family_that_needs_the_mask(tiny_opt, tmp_path):
+def test_packing_under_zero3_with_a_family_that_needs_the_mask(tiny_opt, ranks, tmp_path):
     """OPT builds its mask without the position ids: the block-diagonal mask is given to it, through ZeRO-3."""
-    result = torchrun("train.py", *equivalence_flags(tiny_opt, tmp_path / "out"), "--strategy", "zero3",
+    result = ranks.torchrun("train.py", *equivalence_flags(tiny_opt, tmp_path / "out"), "--strategy", "zero3",
                       "--packing", "True", "--model_max_length", "512")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "giving it the block-diagonal mask" in result.stderr

@@ -80,15 +80,13 @@ def test_eval_command_gives_the_hand_computed_figures(tiny_llama, tasks, tmp_pat
 
 
 @pytest.mark.distributed
-def test_eval_tasks_under_ddp_run_on_the_main_process_and_zero3_is_refused(tiny_llama, tasks, tmp_path):
-    from test_distributed import torchrun
-
+def test_eval_tasks_under_ddp_run_on_the_main_process_and_zero3_is_refused(tiny_llama, tasks, ranks, tmp_path):
     folder, _, _ = tasks
     flags = ["--model_name_or_path", str(tiny_llama), "--data_path", str(SAMPLE_DATA), "--max_steps", "4",
              "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--model_max_length", "128",
              "--save_strategy", "no", "--report_to", "none", "--eval_tasks", "tiny_mc", "--eval_tasks_steps", "2",
              "--eval_tasks_include_path", str(folder)]
-    trained = torchrun("train.py", *flags, "--output_dir", str(tmp_path / "ddp"))
+    trained = ranks.torchrun("train.py", *flags, "--output_dir", str(tmp_path / "ddp"))
     assert trained.returncode == 0, trained.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "train_results.json").read_text())
     assert summary["strategy"] == "ddp" and [e["step"] for e in summary["lm_eval"]] == [2, 4]
@@ -98,6 +96,6 @@ def test_eval_tasks_under_ddp_run_on_the_main_process_and_zero3_is_refused(tiny_
     after = json.loads((tmp_path / "after" / "results.json").read_text())["results"]["tiny_mc"]["acc,none"]
     assert summary["lm_eval"][-1]["lm_eval/tiny_mc/acc"] == pytest.approx(after)
 
-    refused = torchrun("train.py", *flags, "--output_dir", str(tmp_path / "zero3"), "--strategy", "zero3")
+    refused = ranks.torchrun("train.py", *flags, "--output_dir", str(tmp_path / "zero3"), "--strategy", "zero3")
     assert refused.returncode != 0 and "error: --eval_tasks runs on the main process's copy of the model" in refused.stderr
     assert not (tmp_path / "zero3").exists()

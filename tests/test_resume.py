@@ -63,10 +63,10 @@ def final_state(output_dir):
 _uninterrupted = {}
 
 
-def uninterrupted_run(strategy, model, tmp_path, port):
+def uninterrupted_run(strategy, model, tmp_path, ranks):
     """The reference run of a strategy, made once (both DDP cases compare with the same one)."""
     if strategy not in _uninterrupted:
-        reference = launch("train.py", flags(model, tmp_path / "reference", "--strategy", strategy), port)
+        reference = ranks.torchrun("train.py", *flags(model, tmp_path / "reference", "--strategy", strategy))
         assert reference.returncode == 0, reference.stderr[-3000:]
         _uninterrupted[strategy] = tmp_path / "reference"
     return _uninterrupted[strategy]
@@ -79,10 +79,12 @@ def uninterrupted_run(strategy, model, tmp_path, port):
     [("ddp", "after_save", 0.0), ("ddp", "during_save", 0.0), ("zero2", "during_save", 1e-6),
      ("zero3", "during_save", 1e-6), ("zero3_offload", "during_save", 1e-6), ("fsdp", "during_save", 1e-6)],
 )
-def test_killed_job_resumes_to_the_same_result(strategy, kill_when, tolerance, tiny_llama, tmp_path):
+def test_killed_job_resumes_to_the_same_result(strategy, kill_when, tolerance, tiny_llama, ranks, tmp_path):
+    """The killed job is a real torchrun job (SIGKILL to its process group); the reference and the resumed run are
+    jobs of the pooled ranks."""
     port = 29700 + 10 * ["ddp", "zero2", "zero3", "zero3_offload", "fsdp"].index(strategy) + 5 * (kill_when == "after_save")
     extra = ["--strategy", strategy]
-    reference_dir = uninterrupted_run(strategy, tiny_llama, tmp_path, port)
+    reference_dir = uninterrupted_run(strategy, tiny_llama, tmp_path, ranks)
 
     out = tmp_path / "interrupted"
     killed = launch("tests/helpers/train_and_kill.py", flags(tiny_llama, out, *extra), port + 1,
@@ -93,7 +95,7 @@ def test_killed_job_resumes_to_the_same_result(strategy, kill_when, tolerance, t
     if kill_when == "during_save":  # the half-written checkpoint is there, unmarked
         assert (out / "checkpoint-8").exists() and not resume.is_complete(out / "checkpoint-8")
 
-    resumed = launch("train.py", flags(tiny_llama, out, *extra, "--resume_from_checkpoint", "auto"), port + 2)
+    resumed = ranks.torchrun("train.py", *flags(tiny_llama, out, *extra, "--resume_from_checkpoint", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {out / expected_resume}" in resumed.stderr
     if kill_when == "during_save":
