@@ -81,8 +81,10 @@ def test_openai_client_gets_completions_and_a_stream_equal_to_generate(server, s
 
 
 def test_sse_framing_is_openais(server):
-    status, headers, raw = call(server, "POST", "/v1/chat/completions",
-                                chat_body("Say hello.", max_tokens=6, stream=True, stream_options={"include_usage": True}))
+    # greedy, and a prompt whose answer is long: cut at 6 tokens every time (a sampled "Hello!" could end first)
+    body = chat_body("Write a long story about a dragon.", max_tokens=6, temperature=0, stream=True,
+                     stream_options={"include_usage": True})
+    status, headers, raw = call(server, "POST", "/v1/chat/completions", body)
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
     text = raw.decode()
     assert text.endswith("data: [DONE]\n\n") and text.count("data: [DONE]") == 1
