@@ -31,10 +31,11 @@ class RankPool:
             environment = {**os.environ, "OMP_NUM_THREADS": "1", "RANK_POOL_KEY": key,
                            "RANK_POOL_ADDRESS": "127.0.0.1:%d" % server.getsockname()[1]}
             self.log = self.folder / f"pool-{self.jobs}.log"
-            self.launcher = subprocess.Popen(
-                [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                 "tests/helpers/rank_worker.py"], cwd=REPO, env=environment, stdin=subprocess.DEVNULL,
-                stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+            with self.log.open("w") as log:  # the launcher keeps its own copy of the descriptor
+                self.launcher = subprocess.Popen(
+                    [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                     "tests/helpers/rank_worker.py"], cwd=REPO, env=environment, stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             self.ranks = [None, None]
             for _ in range(2):
                 connection, _ = server.accept()
@@ -50,10 +51,9 @@ class RankPool:
                 connection.close()
             try:
                 self.launcher.wait(timeout=30)
+                self.launcher = None
             except subprocess.TimeoutExpired:
-                os.killpg(self.launcher.pid, signal.SIGKILL)
-                self.launcher.wait()
-            self.launcher = None
+                self.kill()
 
     def kill(self) -> None:
         os.killpg(self.launcher.pid, signal.SIGKILL)
