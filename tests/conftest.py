@@ -130,6 +130,17 @@ def launch_server(model, *flags, **env) -> tuple[subprocess.Popen, int]:
     pytest.fail("the server did not come up in 180 s")
 
 
+@pytest.fixture(autouse=True)
+def fast_tier_trains_nothing(request, monkeypatch):
+    """The fast tier (`-m "not slow"`) stays under a minute because nothing in it trains (a forward is fine): a test
+    that reaches the Trainer's loop without the `slow` mark fails here, naming the mark it needs."""
+    if request.node.get_closest_marker("slow") is None:
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{request.node.nodeid} trains a model: mark it @pytest.mark.slow (fast tier)")
+
+        monkeypatch.setattr("transformers.trainer.Trainer.train", refuse)
+
+
 @pytest.fixture(scope="session")
 def ranks(tmp_path_factory):
     """Two gloo ranks for the whole run, handed 2-process jobs: `ranks.torchrun(SCRIPT, *ARGS)` (rank_pool.py)."""

@@ -134,6 +134,7 @@ def test_an_adapter_resumes_to_the_uninterrupted_result(tiny_llama, tmp_path):
     assert max((whole[k] - resumed[k]).abs().max().item() for k in whole) < 1e-6
 
 
+@pytest.mark.slow  # trains (the fast tier trains nothing)
 def test_what_takes_no_adapter_says_so(tiny_llama, tiny_opt, tmp_path, capsys):
     lora_run(tiny_llama, tmp_path / "out", steps=2)
     capsys.readouterr()

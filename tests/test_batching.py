@@ -51,6 +51,7 @@ def without_dropout(model_path, folder):
     return folder
 
 
+@pytest.mark.slow  # trains (the fast tier trains nothing)
 @pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_opt"])
 def test_padding_free_trains_to_the_padded_weights(model_fixture, request, tmp_path):
     """Same examples per step: padded batches of 8, padding-free batches of 8, and padding-free micro-batches of 4
@@ -68,6 +69,7 @@ def test_padding_free_trains_to_the_padded_weights(model_fixture, request, tmp_p
         assert max((padded[k] - other[k]).abs().max().item() for k in padded) < 1e-6  # ...and identically
 
 
+@pytest.mark.slow  # trains (the fast tier trains nothing)
 def test_padding_free_adamw_stays_close_to_padded(tiny_llama, tmp_path):
     """AdamW divides by the root of tiny second moments, so fp32 round-off in near-zero gradients grows to
     lr-sized steps: close, relative to how far training moved the weights, not equal."""
@@ -198,6 +200,7 @@ def test_best_fit_decreasing():
     assert sorted(sorted(lengths[i] for i in row) for row in rows) == [[1, 4, 5], [2, 2, 4], [3, 7], [12]]
 
 
+@pytest.mark.slow  # trains (the fast tier trains nothing)
 def test_packing_trains_with_fewer_fuller_steps(tiny_llama, tmp_path):
     output_dir = tmp_path / "out"
     flags = tiny_run_flags(tiny_llama, output_dir, steps=6) + ["--packing", "True", "--per_device_train_batch_size", "2",

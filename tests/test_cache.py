@@ -76,6 +76,7 @@ def test_a_folder_without_its_marker_is_not_a_cache(tiny_llama, conversations, t
     assert examples == encode_conversations(conversations, llama, "alpaca", 256)[0]
 
 
+@pytest.mark.slow  # trains (the fast tier trains nothing)
 def test_training_says_hit_or_miss(tiny_llama, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="instructune")
     for run in ("first", "second"):

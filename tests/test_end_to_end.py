@@ -6,9 +6,10 @@ import re
 import pytest
 from transformers import AutoModelForCausalLM
 
+from instructune.cli import main
 from instructune.inference.engine import Sampling, answer, load
 
-from conftest import PYTHON, REPO, SHARED_DATA, run_command
+from conftest import REPO, SHARED_DATA, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +21,8 @@ def test_builtin_model_folder_is_plain_hugging_face(smollm2):
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
 
 
-def test_fine_tune_smollm2_on_real_alpaca_records(smollm2, tmp_path):
+def test_fine_tune_smollm2_on_real_alpaca_records(smollm2, tmp_path, capsys):
+    """In-process (the demo test below launches the command): train on 12 real records, then generate."""
     source = SHARED_DATA / "random_9k.json"
     if not source.exists():
         pytest.skip(f"real Alpaca data not found at {source} (see the developers' guide)")
@@ -28,26 +30,22 @@ def test_fine_tune_smollm2_on_real_alpaca_records(smollm2, tmp_path):
     data = tmp_path / "alpaca_12.json"
     data.write_text(json.dumps(records))
     output_dir = tmp_path / "smollm2-tuned"
-    result = run_command(
-        [PYTHON, "-m", "instructune.cli", "train", "--config", "configs/smollm2-135m-cpu.yaml",
-         "--data_path", str(data), "--output_dir", str(output_dir), "--max_steps", "6",
-         "--per_device_train_batch_size", "4", "--learning_rate", "1e-4", "--model_max_length", "192",
-         "--disable_tqdm", "True", "--max_shard_size", "200MB", "--val_set_size", "0"]
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["train", "--config", str(REPO / "configs" / "smollm2-135m-cpu.yaml"), "--data_path", str(data),
+                 "--output_dir", str(output_dir), "--max_steps", "6", "--per_device_train_batch_size", "4",
+                 "--learning_rate", "1e-4", "--model_max_length", "192", "--disable_tqdm", "True",
+                 "--max_shard_size", "200MB", "--val_set_size", "0"]) == 0
     summary = json.loads((output_dir / "train_results.json").read_text())
     losses = [e["loss"] for e in summary["losses"]]
     assert len(losses) == 6 and sum(losses[3:]) < sum(losses[:3]), losses  # epoch 2 fits the same records better
     assert len(json.loads((output_dir / "model.safetensors.index.json").read_text())["weight_map"]) == 272
 
     question = "Name three primary colours."
-    reply = run_command([PYTHON, "-m", "instructune.cli", "generate", "--model_name_or_path", str(output_dir),
-                         "--instruction", question, "--max_new_tokens", "16"])
-    assert reply.returncode == 0, reply.stderr[-2000:]
+    capsys.readouterr()
+    assert main(["generate", "--model_name_or_path", str(output_dir), "--instruction", question, "--max_new_tokens", "16"]) == 0
     # the command answers with the fine-tuned weights (not the base model's), through Alpaca's template
     sixteen = Sampling(max_new_tokens=16)
     tuned, base = answer(load(str(output_dir)), question, sampling=sixteen), answer(load(str(smollm2)), question, sampling=sixteen)
-    assert reply.stdout.strip() == tuned != base
+    assert capsys.readouterr().out.strip() == tuned != base
 
 
 def test_demo_command(tmp_path):

@@ -2,6 +2,7 @@
 batch, stop strings and budgets end answers (and never leak into a stream), scores equal the model's own, and the
 prompt template is the one the run saved. Plus the prompt-set reader and `instructune generate`'s three modes."""
 
+import io
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from instructune.data.formats import Message
 from instructune.data.prompts import Prompt, read_answers, read_prompts
+from instructune.cli import main
 from instructune.errors import DataError, UserError
 from instructune.inference.engine import Request, Sampling, load, saved_template
 
@@ -125,32 +127,35 @@ def test_the_four_shared_evaluation_sets_are_read():
     assert counts == {"vicuna": 80, "koala": 180, "wizardlm": 218, "sinstruct": 252}
 
 
-@pytest.mark.slow
-def test_generate_command_one_interactive_and_a_file(tiny_llama, engine, tmp_path):
-    base = [PYTHON, "-m", "instructune.cli", "generate", "--model", str(tiny_llama), "--max_new_tokens", "6"]
+@pytest.mark.slow  # a launched process
+def test_generate_command_streams_an_answer_to_the_terminal(tiny_llama, engine):
+    expected = engine.generate([Request(engine.prompt_ids([Message("user", "Say hi.")]), Sampling(6))])[0].text.strip()
+    one = run_command([PYTHON, "-m", "instructune.cli", "generate", "--model", str(tiny_llama), "--max_new_tokens", "6",
+                       "--instruction", "Say hi."])
+    assert one.returncode == 0 and one.stdout.strip() == expected, one.stderr[-2000:]
+
+
+def test_generate_command_interactive_and_a_file(tiny_llama, engine, tmp_path, capsys, monkeypatch):
+    base = ["generate", "--model", str(tiny_llama), "--max_new_tokens", "6"]
     expected = [engine.generate([Request(engine.prompt_ids([Message("user", q)]), Sampling(6))])[0].text.strip()
                 for q in ("Say hi.", "Name a colour.")]
-    one = run_command(base + ["--instruction", "Say hi."])
-    assert one.returncode == 0 and one.stdout.strip() == expected[0], one.stderr[-2000:]
-
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"question_id": 1, "text": "Say hi."}\n{"question_id": 2, "text": "Name a colour."}\n')
     output = tmp_path / "out" / "answers.jsonl"
-    batch = run_command(base + ["--input_file", str(prompts), "--output_file", str(output), "--batch_size", "2"])
-    assert batch.returncode == 0, batch.stderr[-2000:]
+    assert main(base + ["--input_file", str(prompts), "--output_file", str(output), "--batch_size", "2"]) == 0
     lines = [json.loads(line) for line in output.read_text().splitlines()]
     assert [(l["instruction"], l["output"]) for l in lines] == list(zip(("Say hi.", "Name a colour."), expected))
     assert lines[0]["generator"] == tiny_llama.name
 
-    import subprocess
-    interactive = subprocess.run(base + ["--interactive"], input="Say hi.\nName a colour.\n\n", capture_output=True,
-                                 text=True, timeout=300)
-    assert interactive.returncode == 0 and interactive.stdout.split("\n")[:2] == expected, interactive.stderr[-2000:]
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("Say hi.\nName a colour.\n\n"))
+    assert main(base + ["--interactive"]) == 0
+    assert capsys.readouterr().out.split("\n")[:2] == expected
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"nope": 1}\n')
-    failed = run_command(base + ["--input_file", str(bad), "--output_file", str(tmp_path / "never.jsonl")])
-    assert failed.returncode == 2 and "bad.jsonl:2: fits no known prompt format" in failed.stderr
+    assert main(base + ["--input_file", str(bad), "--output_file", str(tmp_path / "never.jsonl")]) == 2
+    assert "bad.jsonl:2: fits no known prompt format" in capsys.readouterr().err
     assert not list(tmp_path.glob("never.jsonl*"))
 
 
@@ -158,7 +163,6 @@ def test_generate_command_one_interactive_and_a_file(tiny_llama, engine, tmp_pat
 def test_a_model_fine_tuned_on_short_examples_serves_its_whole_context(tiny_llama, tmp_path):
     """Seen: the tokenizer was saved with the training length (128 here) and the engine served at that: an 8K model
     fine-tuned at 512 refused prompts over 512 tokens. The context is the model's; the training length is the run's."""
-    from instructune.cli import main
     from test_train import tiny_run_flags
 
     flags = tiny_run_flags(tiny_llama, tmp_path / "out", steps=1)

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from conftest import MC_QUESTIONS as QUESTIONS, PYTHON, SAMPLE_DATA, run_command, write_mc_task
+from instructune.cli import main
+
+from conftest import MC_QUESTIONS as QUESTIONS, SAMPLE_DATA, write_mc_task
 
 pytestmark = pytest.mark.slow
 
@@ -61,21 +63,20 @@ def tasks(tmp_path, tiny_llama):
     return folder, sum(right) / len(right), 0.5
 
 
-def test_eval_command_gives_the_hand_computed_figures(tiny_llama, tasks, tmp_path):
+def test_eval_command_gives_the_hand_computed_figures(tiny_llama, tasks, tmp_path, capsys):
     folder, expected_acc, expected_match = tasks
     output = tmp_path / "results"
-    result = run_command([PYTHON, "-m", "instructune.cli", "eval", "--model", str(tiny_llama), "--tasks",
-                          "tiny_mc,tiny_gen", "--include_path", str(folder), "--output_dir", str(output)])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["eval", "--model", str(tiny_llama), "--tasks", "tiny_mc,tiny_gen", "--include_path", str(folder),
+                 "--output_dir", str(output)]) == 0
     results = json.loads((output / "results.json").read_text())["results"]
     assert results["tiny_mc"]["acc,none"] == pytest.approx(expected_acc)
     assert results["tiny_gen"]["exact_match,none"] == pytest.approx(expected_match)
-    assert "tiny_mc" in (output / "results.md").read_text() and "|" in result.stdout
+    assert "tiny_mc" in (output / "results.md").read_text() and "|" in capsys.readouterr().out
     assert len((output / "samples_tiny_mc.jsonl").read_text().splitlines()) == len(QUESTIONS)
 
-    unknown = run_command([PYTHON, "-m", "instructune.cli", "eval", "--model", str(tiny_llama), "--tasks", "no_such_task",
-                           "--include_path", str(folder), "--output_dir", str(tmp_path / "never")])
-    assert unknown.returncode == 2 and "unknown lm-eval task no_such_task" in unknown.stderr
+    assert main(["eval", "--model", str(tiny_llama), "--tasks", "no_such_task", "--include_path", str(folder),
+                 "--output_dir", str(tmp_path / "never")]) == 2
+    assert "unknown lm-eval task no_such_task" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
 
 
@@ -90,9 +91,8 @@ def test_eval_tasks_under_ddp_run_on_the_main_process_and_zero3_is_refused(tiny_
     assert trained.returncode == 0, trained.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "train_results.json").read_text())
     assert summary["strategy"] == "ddp" and [e["step"] for e in summary["lm_eval"]] == [2, 4]
-    evaluated = run_command([PYTHON, "-m", "instructune.cli", "eval", "--model", str(tmp_path / "ddp"), "--tasks",
-                             "tiny_mc", "--include_path", str(folder), "--output_dir", str(tmp_path / "after")])
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert main(["eval", "--model", str(tmp_path / "ddp"), "--tasks", "tiny_mc", "--include_path", str(folder),
+                 "--output_dir", str(tmp_path / "after")]) == 0
     after = json.loads((tmp_path / "after" / "results.json").read_text())["results"]["tiny_mc"]["acc,none"]
     assert summary["lm_eval"][-1]["lm_eval/tiny_mc/acc"] == pytest.approx(after)
 

@@ -9,7 +9,6 @@ import pytest
 from instructune.cli import main
 from instructune.eval.pairwise import parse_scores, verdict
 
-from conftest import PYTHON, run_command
 from scripted_judge import ScriptedJudge
 
 
@@ -78,17 +77,17 @@ def test_counts_per_test_set_with_order_swaps_disagreements_and_failures(judge, 
     assert counts["koala"] == {"win": 1, "tie": 1, "lose": 1, "failed": 0} and counts["vicuna"]["failed"] == 1
 
 
-@pytest.mark.slow
-def test_answers_are_generated_by_both_models_or_refused_when_missing(judge, tiny_llama, tiny_opt, tmp_path):
+def test_answers_are_generated_by_both_models_or_refused_when_missing(judge, tiny_llama, tiny_opt, tmp_path, capsys,
+                                                                       monkeypatch):
     from instructune.inference.engine import Sampling, answer, load
 
     test_set = tmp_path / "wizardlm_test_set.jsonl"
     test_set.write_text('{"idx": 1, "Instruction": "Say hi."}\n{"idx": 2, "Instruction": "Name a colour."}\n')
     out = tmp_path / "out"
-    result = run_command([PYTHON, "-m", "instructune.cli", "judge", "--test_set", str(test_set), "--model_a",
-                          str(tiny_llama), "--model_b", str(tiny_opt), "--max_new_tokens", "5", "--judge_url", judge.url,
-                          "--judge_model", "scripted", "--output_dir", str(out)], OPENAI_API_KEY="judge-key")
-    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.setenv("OPENAI_API_KEY", "judge-key")
+    assert main(["judge", "--test_set", str(test_set), "--model_a", str(tiny_llama), "--model_b", str(tiny_opt),
+                 "--max_new_tokens", "5", "--judge_url", judge.url, "--judge_model", "scripted",
+                 "--output_dir", str(out)]) == 0
     report = json.loads((out / "judgement.json").read_text())
     assert report["counts"]["wizardlm"] == {"win": 0, "tie": 2, "lose": 0, "failed": 0}  # no markers: 5 and 5
     assert (report["model_a"], report["model_b"]) == (tiny_llama.name, tiny_opt.name)
@@ -99,8 +98,8 @@ def test_answers_are_generated_by_both_models_or_refused_when_missing(judge, tin
         assert [p[f"answer_{side}"] for p in report["pairs"]] == [l["output"] for l in lines]
 
     partial = answers(tmp_path / "partial.jsonl", [("Say hi.", "hello")])
-    missing = run_command([PYTHON, "-m", "instructune.cli", "judge", "--test_set", str(test_set), "--answers_a", partial,
-                           "--answers_b", partial, "--judge_url", judge.url, "--judge_model", "scripted",
-                           "--output_dir", str(tmp_path / "never")])
-    assert missing.returncode == 2 and "--answers_a: no answer to 'Name a colour.'" in missing.stderr
+    capsys.readouterr()
+    assert main(["judge", "--test_set", str(test_set), "--answers_a", partial, "--answers_b", partial, "--judge_url",
+                 judge.url, "--judge_model", "scripted", "--output_dir", str(tmp_path / "never")]) == 2
+    assert "--answers_a: no answer to 'Name a colour.'" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()

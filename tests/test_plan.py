@@ -8,11 +8,12 @@ import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
+from instructune.cli import main
 from instructune.errors import ConfigError
 from instructune.training import plan as planner
 from instructune.training.plan import GIB, Hardware, Workload, choose, plan, shape_of
 
-from conftest import PYTHON, SAMPLE_DATA, run_command
+from conftest import SAMPLE_DATA
 
 # Meta's published parameter counts of Llama 2
 PUBLISHED = {"llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320, "llama-2-70b": 68_976_648_192}
@@ -64,12 +65,9 @@ def test_the_choice_is_the_fastest_that_fits_and_the_figures_move_the_right_way(
     assert choose(plan(shape_of("llama-2-70b", ranks=(16,)), Hardware(gpus=1), qlora), qlora).strategy == "qlora"
 
 
-@pytest.mark.slow
-def test_plan_command_json_and_table_offline(tiny_llama):
-    result = run_command([PYTHON, "-m", "instructune.cli", "plan", "--model", "llama-2-13b", "--gpus", "8",
-                          "--gpu_mem", "80", "--json"])
-    assert result.returncode == 0, result.stderr[-2000:]
-    options = json.loads(result.stdout)
+def test_plan_command_json_and_table_offline(tiny_llama, capsys):
+    assert main(["plan", "--model", "llama-2-13b", "--gpus", "8", "--gpu_mem", "80", "--json"]) == 0
+    options = json.loads(capsys.readouterr().out)
     assert [o["strategy"] for o in options] == list(planner.FULL + planner.ADAPTERS)
     for o in options:
         assert {"strategy", "fits", "gpu_model_states_bytes", "gpu_total_bytes", "cpu_total_bytes", "command"} <= o.keys()
@@ -80,10 +78,12 @@ def test_plan_command_json_and_table_offline(tiny_llama):
     assert [name for name, held in states.items() if held <= 0] == ["fsdp_offload"]
     chosen = [o for o in options if o["chosen"]]
     assert len(chosen) == 1 and chosen[0]["fits"] and "meta-llama/Llama-2-13b-hf" in chosen[0]["command"]
-    table = run_command([PYTHON, "-m", "instructune.cli", "plan", "--model", str(tiny_llama), "--gpus", "2", "--nodes", "2"])
-    assert table.returncode == 0 and "fastest that fits: ddp" in table.stdout and "NNODES=2" in table.stdout
-    missing = run_command([PYTHON, "-m", "instructune.cli", "plan", "--model", "no/such-model"])
-    assert missing.returncode == 2 and "nothing is downloaded" in missing.stderr and "llama-2-7b" in missing.stderr
+    assert main(["plan", "--model", str(tiny_llama), "--gpus", "2", "--nodes", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "fastest that fits: ddp" in table and "NNODES=2" in table
+    assert main(["plan", "--model", "no/such-model"]) == 2
+    missing = capsys.readouterr().err
+    assert "nothing is downloaded" in missing and "llama-2-7b" in missing
 
 
 def auto(*flags: str) -> str:
@@ -111,11 +111,10 @@ def test_auto_strategy_chooses_for_the_hardware_found(tiny_llama, monkeypatch, c
 
 
 @pytest.mark.slow
-def test_train_with_strategy_auto_says_what_it_chose(tiny_llama, tmp_path):
-    result = run_command([PYTHON, "train.py", "--model_name_or_path", str(tiny_llama), "--data_path", str(SAMPLE_DATA),
-                          "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "2",
-                          "--model_max_length", "128", "--save_strategy", "no", "--report_to", "none",
-                          "--strategy", "auto"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "--strategy auto: ddp (" in result.stderr and "1 CPU process" in result.stderr
+def test_train_with_strategy_auto_says_what_it_chose(tiny_llama, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="instructune"):
+        assert main(["train", "--model_name_or_path", str(tiny_llama), "--data_path", str(SAMPLE_DATA), "--output_dir",
+                     str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "2",
+                     "--model_max_length", "128", "--save_strategy", "no", "--report_to", "none", "--strategy", "auto"]) == 0
+    assert "--strategy auto: ddp (" in caplog.text and "1 CPU process" in caplog.text
     assert json.loads((tmp_path / "out" / "train_results.json").read_text())["strategy"] == "single-process"

@@ -160,21 +160,22 @@ def test_train_py_reports_bad_data_without_traceback(tmp_path, tiny_llama):
 
 
 @pytest.mark.slow
-def test_real_alpaca_data_trains_with_empty_records_skipped(tiny_llama, tmp_path):
+def test_real_alpaca_data_trains_with_empty_records_skipped(tiny_llama, tmp_path, caplog, capsys):
     """Stanford Alpaca's own data has records with an empty output; its train.py trains past them, so do we."""
     data = SHARED_DATA / "random_9k.json"
     if not data.exists():
         pytest.skip(f"real Alpaca data not found at {data} (see the developers' guide)")
     flags = ["--model_name_or_path", str(tiny_llama), "--data_path", str(data), "--max_steps", "1",
              "--per_device_train_batch_size", "2", "--model_max_length", "256", "--report_to", "none", "--disable_tqdm", "True"]
-    result = run_command([PYTHON, "train.py", *flags, "--output_dir", str(tmp_path / "out")])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "data: 9225 records → " in result.stderr and "4 records with an empty output skipped" in result.stderr
+    with caplog.at_level("INFO", logger="instructune"):
+        assert main(["train", *flags, "--output_dir", str(tmp_path / "out")]) == 0
+    assert "data: 9225 records → " in caplog.text and "4 records with an empty output skipped" in caplog.text
     summary = json.loads((tmp_path / "out" / "train_results.json").read_text())
     assert summary["data"]["skipped"] == {"output": 4} and summary["data"]["records"] == 9225
-    strict = run_command([PYTHON, "train.py", *flags, "--output_dir", str(tmp_path / "strict"), "--strict_data", "True"])
-    assert strict.returncode == 2 and not (tmp_path / "strict").exists()
-    assert strict.stderr.strip().splitlines()[-1].startswith(f"error: {data}: record 1461: field 'output' is empty")
+    capsys.readouterr()
+    assert main(["train", *flags, "--output_dir", str(tmp_path / "strict"), "--strict_data", "True"]) == 2
+    assert not (tmp_path / "strict").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {data}: record 1461: field 'output' is empty")
 
 
 def test_a_missing_model_folder_is_one_line(tmp_path, capsys):

@@ -57,6 +57,7 @@ def test_mfu_counts_the_lm_head_and_attention(tiny_llama, tiny_opt):
                                      "mfu": flops / 2.0 / 1e9})
 
 
+@pytest.mark.slow  # trains (the fast tier trains nothing)
 def test_every_run_reports_its_speed(tiny_llama, tmp_path, caplog, capsys):
     caplog.set_level(logging.INFO, logger="instructune")
     assert main(["train", *tiny_run_flags(tiny_llama, tmp_path / "out", steps=6)]) == 0
@@ -84,6 +85,7 @@ def test_bf16_without_cpu_support_is_detected(tmp_path):
     assert not cpu_has_bf16(str(without)) and cpu_has_bf16(str(native))
 
 
+@pytest.mark.slow  # trains (the fast tier trains nothing)
 def test_group_by_length_keeps_padding_small(tiny_llama, tmp_path):
     padding = {}
     for name, extra in (("random", []), ("grouped", ["--group_by_length", "True"])):

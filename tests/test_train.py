@@ -58,6 +58,7 @@ def check_model_folder(output_dir: Path, base: Path, world_size: int = 1, loss_d
     return summary
 
 
+@pytest.mark.slow  # trains (the fast tier trains nothing)
 @pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_opt"])
 def test_training_writes_a_loadable_model_folder(model_fixture, request, tmp_path):
     model = request.getfixturevalue(model_fixture)

@@ -29,8 +29,9 @@ def both_readers_agree(output_dir) -> dict:
 
 
 def test_a_folder_holding_files_is_refused(tiny_llama, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert train(tiny_llama, out) == 0
+    out = tmp_path / "out"  # as an earlier run left it
+    shutil.copytree(tiny_llama, out)
+    (out / "train_results.json").write_text("{}")
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert train(tiny_llama, out, "--learning_rate", "1e-2") == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
@@ -38,6 +39,7 @@ def test_a_folder_holding_files_is_refused(tiny_llama, tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # untouched
 
 
+@pytest.mark.slow  # trains (the fast tier trains nothing)
 def test_overwrite_replaces_a_single_file_model_with_shards(tiny_llama, tmp_path):
     """Seen: run 1's model.safetensors stayed beside run 2's shards; from_pretrained loaded run 1's weights."""
     out = tmp_path / "out"
@@ -51,6 +53,7 @@ def test_overwrite_replaces_a_single_file_model_with_shards(tiny_llama, tmp_path
     assert not torch.equal(second["model.norm.weight"], first["model.norm.weight"])  # really run 2's weights
 
 
+@pytest.mark.slow  # trains (the fast tier trains nothing)
 def test_resumed_run_replaces_the_earlier_final_model(tiny_llama, tmp_path):
     out = tmp_path / "out"
     assert train(tiny_llama, out, "--max_shard_size", "5GB", "--save_strategy", "steps", "--save_steps", "2") == 0
