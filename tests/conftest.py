@@ -97,6 +97,7 @@ def run_command(args: list[str], timeout: int = 600, cwd: Path = REPO, **env) ->
 
 
 PYTHON = sys.executable
+SCRIPTS = Path(PYTHON).parent  # this interpreter's console scripts (its venv's bin/): never another venv's
 
 
 def free_port() -> int:
@@ -128,6 +129,19 @@ def launch_server(model, *flags, **env) -> tuple[subprocess.Popen, int]:
             time.sleep(0.5)
     process.kill()
     pytest.fail("the server did not come up in 180 s")
+
+
+SRUN = 'while [ "${1#-}" != "$1" ]; do shift; done; exec "$@"'  # a stand-in srun: options dropped, the task run here
+
+
+def stand_ins(folder: Path, **bodies: str) -> str:
+    """Executable stand-ins (bash bodies) for commands that cannot run here (Slurm's srun, scontrol, scancel), in
+    `folder`; returns a PATH that finds them first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, body in bodies.items():
+        (folder / name).write_text(f"#!/bin/bash\n{body}\n")
+        (folder / name).chmod(0o755)
+    return f"{folder}:{os.environ['PATH']}"
 
 
 @pytest.fixture(autouse=True)

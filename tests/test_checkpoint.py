@@ -13,7 +13,7 @@ from instructune.cli import main
 from instructune.errors import UserError
 from instructune.inference.engine import Sampling, answer, wrap
 
-from conftest import REPO, assert_same_tensors, run_command
+from conftest import PYTHON, REPO, assert_same_tensors, run_command
 from test_train import tiny_run_flags
 
 
@@ -64,7 +64,7 @@ def check_zero_checkpoint_converts(checkpoint, trained_dir, destination, tied: b
     assert any(checkpoint.glob("global_step*"))
     flags = [str(checkpoint), str(destination), "--max_shard_size", "200KB"]
     if script:
-        converted = run_command(["bash", "scripts/zero_to_hf.sh", *flags])
+        converted = run_command(["bash", "scripts/zero_to_hf.sh", *flags], PYTHON=PYTHON)
         assert converted.returncode == 0, converted.stderr[-3000:]
     else:
         assert main(["convert", *flags]) == 0

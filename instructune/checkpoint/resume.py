@@ -84,14 +84,28 @@ def latest_complete(output_dir: str | Path) -> Path | None:
 
 
 def check_resumable(checkpoint: str | Path) -> Path:
-    """An explicit --resume_from_checkpoint PATH: it must exist and be complete."""
+    """An explicit --resume_from_checkpoint PATH: it must exist, be complete and hold the training state."""
     path = Path(checkpoint)
     if not path.is_dir():
         raise UserError(f"--resume_from_checkpoint {path}: no such checkpoint folder")
     if CHECKPOINT.match(path.name) and not is_complete(path):
         raise UserError(f"--resume_from_checkpoint {path}: incomplete checkpoint (a run stopped while saving it); "
                         "pass an earlier one or 'auto'")
+    if missing := missing_training_state(path):
+        raise UserError(f"--resume_from_checkpoint {path}: no {' and no '.join(missing)}: the run would go on with a "
+                        "fresh optimizer (a run with --save_only_model saves none); pass a checkpoint that has them")
     return path
+
+
+def missing_training_state(checkpoint: Path) -> list[str]:
+    """What an exact resume needs and `checkpoint` lacks: the optimizer's state (optimizer.pt; FSDP: optimizer_0;
+    DeepSpeed: global_step*, which holds its scheduler too), the LR schedule (scheduler.pt) and the RNG states."""
+    deepspeed = any(checkpoint.glob("global_step*"))
+    needed = {"optimizer state (optimizer.pt)": deepspeed or (checkpoint / "optimizer.pt").exists()
+              or any(checkpoint.glob("optimizer_0*")),
+              "scheduler.pt": deepspeed or (checkpoint / "scheduler.pt").exists(),
+              "rng_state.pth": any(checkpoint.glob("rng_state*.pth"))}
+    return [name for name, present in needed.items() if not present]
 
 
 def rotate(output_dir: str | Path, keep: int | None, protect: str | None = None) -> None:
@@ -106,4 +120,5 @@ def rotate(output_dir: str | Path, keep: int | None, protect: str | None = None)
     kept = {p.resolve() for p in kept}
     for folder in checkpoints(output_dir):
         if folder.resolve() not in kept:
+            unmark(folder)  # first: a folder killed half-deleted must not count as complete
             shutil.rmtree(folder, ignore_errors=True)

@@ -15,13 +15,15 @@ def main(argv: list[str], callbacks=None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     from instructune.config import parse_train_args, train_parser_help
-    from instructune.training import plan, recipe
+    from instructune.training import guard, plan, recipe
 
     if argv and argv[0] in ("-h", "--help"):
         print(train_parser_help("instructune train"))
         return 0
     model_args, data_args, training_args = parse_train_args(argv, choose_strategy=plan.auto_strategy)
     outcome = recipe.train(model_args, data_args, training_args, callbacks=callbacks)
+    if outcome.preempted_at is not None:
+        return guard.PREEMPTED
     if outcome.losses:
         logger.info("loss %.4f → %.4f; model saved in %s", outcome.losses[0], outcome.losses[-1], training_args.output_dir)
     return 0

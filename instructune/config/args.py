@@ -142,6 +142,17 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Delete what output_dir holds before training. Without it (or --resume_from_checkpoint), a "
                   "folder that already holds files is refused, so that two runs never mix in one folder."},
     )
+    save_on_signal: str = field(
+        default="TERM,USR1,INT",
+        metadata={"help": "Signals that make the run finish its step, save a complete checkpoint of it on every rank "
+                  "and exit with status 75 (preempted); the same command then resumes it. 'none': the signals' "
+                  "default actions."},
+    )
+    skip_nonfinite_steps: int = field(
+        default=0,
+        metadata={"help": "Skip up to this many steps whose loss is NaN or infinite (their gradients dropped); the next "
+                  "one stops the run. 0: the first one stops it, before the weights take it."},
+    )
     # A fine-tune updates every parameter, so DDP's unused-parameter search only costs time and warnings.
     ddp_find_unused_parameters: bool | None = field(default=False)
     eval_tasks: str | None = field(

@@ -19,6 +19,7 @@ from instructune.errors import ConfigError, UserError
 from instructune.files import atomic_file, fsync_tree, out_of_space, png_figure, refuse_output_over_inputs
 from instructune.modeling.adapters import is_adapter
 from instructune.run_summary import RUN_SUMMARY
+from instructune.training.guard import clear_note
 
 STAGING = ".final-model.partial"  # inside output_dir, so that the moves into place are renames
 WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
@@ -32,7 +33,7 @@ def prepare_output_dir(args, inputs: dict[str, list[str]]) -> None:
     refuse_output_over_inputs(output_dir, inputs, "--output_dir")
     with args.main_process_first(desc="preparing the output folder"):
         held = sorted(p.name for p in output_dir.iterdir() if p.name != STAGING) if output_dir.is_dir() else []
-        if held and args.overwrite_output_dir:
+        if held and args.overwrite_output_dir and not args.resume_from_checkpoint:  # resuming keeps its checkpoints
             if args.should_save:
                 for name in held:
                     path = output_dir / name
@@ -93,6 +94,7 @@ def save_model_folder(trainer, metrics: dict, data_stats: DataStats, speed: dict
     }
     with atomic_file(output_dir / RUN_SUMMARY) as f:
         f.write(json.dumps(summary, indent=2) + "\n")
+    clear_note(output_dir)  # the run is complete: rerunning the command starts a new one
     if losses:
         plot_loss_curve(losses, output_dir / "loss_curve.png")
 

@@ -19,10 +19,10 @@ from instructune.config.device import on_cpu
 from instructune.data import DatasetSpec, DataStats, hold_out, load_mix, parse_datasets
 from instructune.data.batching import Collator, pack
 from instructune.data.cache import encode_cached
-from instructune.errors import ConfigError, DataError
+from instructune.errors import ConfigError, DataError, UserError
 from instructune.eval.harness import LmEvalCallback
 from instructune.modeling import adapters, models
-from instructune.training import distributed
+from instructune.training import distributed, guard
 from instructune.training.export import MERGED, loss_history, prepare_output_dir, save_model_folder
 from instructune.training.speed import SpeedMeter
 from instructune.training.trainer import InstructTrainer, supports_target_logits, target_token_loss
@@ -36,6 +36,7 @@ class TrainOutcome:
     data: DataStats
     losses: list[float]  # training loss at every logged step
     heldout_losses: list[float]  # validation loss at every evaluation: before training, ..., after
+    preempted_at: int | None = None  # the step whose checkpoint a signal made the run save before it stopped
 
 
 def resume_point(args: TrainingArguments) -> str | None:
@@ -45,14 +46,19 @@ def resume_point(args: TrainingArguments) -> str | None:
         return None
     if args.resume_from_checkpoint != "auto":
         return str(resume.check_resumable(args.resume_from_checkpoint))
-    chosen = [None]
+    chosen = [None, None]  # the checkpoint, or why it cannot be resumed: every rank raises the same error
     if args.process_index == 0:
         latest = resume.latest_complete(args.output_dir)
         logger.info("resuming from %s" if latest else "no complete checkpoint in %s: starting from the beginning",
                     latest or args.output_dir)
-        chosen = [str(latest) if latest else None]
+        try:
+            chosen = [str(resume.check_resumable(latest)) if latest else None, None]
+        except UserError as e:
+            chosen = [None, str(e)]
     if distributed.is_initialized():
         torch.distributed.broadcast_object_list(chosen, src=0)
+    if chosen[1]:
+        raise UserError(chosen[1])
     return chosen[0]
 
 
@@ -71,7 +77,9 @@ def train(
     training_args: TrainingArguments,
     callbacks: list[TrainerCallback] | None = None,
 ) -> TrainOutcome:
-    # 1. Data: read, validate and mix every dataset (duplicates dropped); and where to resume from, if asked.
+    # 1. Data: read, validate and mix every dataset (duplicates dropped); and where to resume from, if asked (or
+    # if this folder's run was preempted, or torchrun restarted it).
+    training_args.resume_from_checkpoint = guard.resume_flag(training_args)
     checkpoint = resume_point(training_args)
     specs = parse_datasets(data_args.datasets) if data_args.datasets else [DatasetSpec(data_args.data_path)]
     specs = [dataclasses.replace(spec, path=shipped(spec.path)) for spec in specs]
@@ -133,6 +141,11 @@ def train(
 
     if training_args.eval_tasks:
         callbacks = [*(callbacks or []), lm_eval_callback(training_args)]
+    if training_args.skip_nonfinite_steps and training_args.deepspeed:
+        raise ConfigError("--skip_nonfinite_steps: DeepSpeed takes its optimizer step inside the backward pass, before "
+                          "a step could be skipped; without it a non-finite loss stops the run before anything is saved")
+    step_guard = guard.StepGuard(guard.signals_of(training_args.save_on_signal), training_args.skip_nonfinite_steps,
+                                 training_args.device)
 
     # 4. Train: padded, padding-free or packed batches; logits and loss at target positions only where the model
     # can (every HF causal LM of transformers 5: `logits_to_keep`); speed measured all along.
@@ -146,12 +159,22 @@ def train(
         eval_dataset=validation or None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), step_guard],
         compute_loss_func=target_token_loss if target_logits else None,
         speed=SpeedMeter(model, training_args.device, training_args.world_size),
         flat_batches=collator.flatten,
+        guard=step_guard,
     )
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        step_guard.restore()
+    if step_guard.skipped:
+        result.metrics["skipped_nonfinite_steps"] = step_guard.skipped
+    if step_guard.stopped_at is not None:
+        step = step_guard.stopped_at
+        logger.warning("preempted at step %d: checkpoint-%d saved; rerun the same command to resume", step, step)
+        return TrainOutcome(metrics=result.metrics, data=stats, losses=[], heldout_losses=[], preempted_at=step)
     trainer.speed.take_window()  # the steps since the last log
     speed = trainer.speed.summary()
     if "tokens_per_second" in speed:

@@ -55,9 +55,9 @@ PRIVATE_HOOKS = {
 
 
 class InstructTrainer(Trainer):
-    def __init__(self, *args, speed: SpeedMeter | None = None, flat_batches: bool = False, **kwargs):
+    def __init__(self, *args, speed: SpeedMeter | None = None, flat_batches: bool = False, guard=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.speed, self.flat_batches = speed, flat_batches
+        self.speed, self.flat_batches, self.guard = speed, flat_batches, guard
         self.run_id = uuid.uuid4().hex  # in the checkpoints this run completes (their markers)
         self.mask_from_positions = None  # flattened batches: None until checked, then whether to build the mask
         if speed is not None:
@@ -66,7 +66,10 @@ class InstructTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.speed is not None:
             self.speed.count(inputs)
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.guard is not None:  # a non-finite loss is caught before the optimizer step (training/guard.py)
+            self.guard.loss(loss)
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Both training and evaluation come here: flattened batches are checked before the first of either.

@@ -30,7 +30,7 @@ def test_a_rewritten_checkpoint_killed_midway_is_not_complete(tiny_llama, tmp_pa
     killed = subprocess.run(
         [PYTHON, "tests/helpers/train_and_kill.py", *flags(tiny_llama, out, 2, "--learning_rate", "1e-2",
                                                             "--resume_from_checkpoint", str(out / "checkpoint-1"))],
-        cwd=REPO, env={**os.environ, "KILL_AT_STEP": "2", "KILL_WHEN": "during_save", "OMP_NUM_THREADS": "1"},
+        cwd=REPO, env={**os.environ, "KILL_AT_STEP": "2", "OMP_NUM_THREADS": "1"},
         capture_output=True, text=True, start_new_session=True, timeout=300)
     assert killed.returncode != 0
     assert not resume.is_complete(out / "checkpoint-2") and resume.latest_complete(out) == out / "checkpoint-1"
@@ -62,6 +62,39 @@ def test_rotation_follows_the_runs_history_not_step_numbers(tmp_path):
     assert resume.latest_complete(tmp_path) == tmp_path / "checkpoint-3"
     resume.rotate(tmp_path, keep=1)
     assert [p.name for p in resume.checkpoints(tmp_path)] == ["checkpoint-3"]
+
+
+def test_a_rotation_killed_midway_leaves_no_complete_looking_folder(tmp_path, monkeypatch):
+    """Seen: a run killed while rotation deleted an old checkpoint left it with its marker and 8 of its 11 files."""
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+            (tmp_path / f"checkpoint-{step}" / name).write_text("x")
+        resume.mark_complete(tmp_path / f"checkpoint-{step}", step, "run-a")
+
+    def killed_while_deleting(folder, ignore_errors=False):
+        (folder / "optimizer.pt").unlink()
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(resume.shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(SystemExit):
+        resume.rotate(tmp_path, keep=1)
+    assert not resume.is_complete(tmp_path / "checkpoint-2") and resume.latest_complete(tmp_path) == tmp_path / "checkpoint-4"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lost", ["optimizer.pt", "scheduler.pt", "rng_state.pth"])
+def test_a_checkpoint_without_its_training_state_is_not_resumed(lost, tiny_llama, tmp_path, capsys):
+    """Seen: a marked checkpoint without optimizer.pt resumed silently with a fresh optimizer (1e-4 off)."""
+    out = tmp_path / "out"
+    assert main(["train", *flags(tiny_llama, out, 1)]) == 0
+    (out / "checkpoint-1" / lost).unlink()
+    capsys.readouterr()
+    for resumed in (str(out / "checkpoint-1"), "auto"):
+        assert main(["train", *flags(tiny_llama, out, 2, "--resume_from_checkpoint", resumed)]) == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith(f"error: --resume_from_checkpoint {out / 'checkpoint-1'}: no ") and lost in error
+    assert not (out / "checkpoint-2").exists()
 
 
 def test_a_missing_checkpoint_is_one_line(tiny_llama, tmp_path, capsys):
