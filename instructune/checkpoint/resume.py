@@ -98,11 +98,11 @@ def check_resumable(checkpoint: str | Path) -> Path:
 
 
 def missing_training_state(checkpoint: Path) -> list[str]:
-    """What an exact resume needs and `checkpoint` lacks: the optimizer's state (optimizer.pt; FSDP: optimizer_0;
-    DeepSpeed: global_step*, which holds its scheduler too), the LR schedule (scheduler.pt) and the RNG states."""
+    """What an exact resume needs and `checkpoint` lacks: the optimizer's state (optimizer.pt; FSDP: optimizer.bin or
+    optimizer_0/; DeepSpeed: global_step*/, which holds its scheduler too), the LR schedule (scheduler.pt) and the RNG
+    states."""
     deepspeed = any(checkpoint.glob("global_step*"))
-    needed = {"optimizer state (optimizer.pt)": deepspeed or (checkpoint / "optimizer.pt").exists()
-              or any(checkpoint.glob("optimizer_0*")),
+    needed = {"optimizer state (optimizer.pt)": deepspeed or any(checkpoint.glob("optimizer*")),
               "scheduler.pt": deepspeed or (checkpoint / "scheduler.pt").exists(),
               "rng_state.pth": any(checkpoint.glob("rng_state*.pth"))}
     return [name for name, present in needed.items() if not present]
