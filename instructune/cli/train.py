@@ -2,6 +2,7 @@
 
 import logging
 import os
+import sys
 
 HELP = "fine-tune a causal LM on instruction data (Alpaca's train.py flags, or --config FILE)"
 
@@ -13,6 +14,11 @@ def main(argv: list[str], callbacks=None) -> int:
 
     if on_cpu():  # the process's setting, before DeepSpeed is first imported: it would probe for CUDA first
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed's CPU communication op is compiled on first use (30-40 s) into a cache that torch shares between
+        # environments, and rebuilt whenever another environment used it last: a virtual environment keeps its own
+        # (scripts/setup.sh builds it there).
+        if sys.prefix != sys.base_prefix:
+            os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
     from instructune.config import parse_train_args, train_parser_help
     from instructune.training import guard, plan, recipe
