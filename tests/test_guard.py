@@ -116,38 +116,46 @@ def uninterrupted_ddp(tiny_llama, ranks, tmp_path_factory):
     return final_state(out)
 
 
-def launched(script: str, step: int, name: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """`script ARGS` (a launcher or job script) training with tests/helpers/train_and_signal.py, which sends the
-    signal to the script itself when `step` begins."""
-    return subprocess.run(["bash", "-c", f'export SIGNAL_TO=${{SIGNAL_TO:-$$}}; exec bash {script} "$@"', "-", *args], cwd=REPO,
+def launched(script: str, signals: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`script ARGS` (a launcher or job script) training with tests/helpers/train_and_signal.py, which sends
+    `signals` ("STEP:SIGNAL:rank1|script", ...) when those steps begin; "script" is this script itself."""
+    return subprocess.run(["bash", "-c", f'export SCRIPT_PID=$$; exec bash {script} "$@"', "-", *args], cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "NNODES": "1",
                                "NPROC_PER_NODE": "2", "PYTHON": PYTHON, "TRAIN_SCRIPT": "tests/helpers/train_and_signal.py",
-                               "SIGNAL_AT_STEP": str(step), "SIGNAL": name, **env},
+                               "SIGNALS": signals, **env},
                           capture_output=True, text=True, timeout=600)
 
 
-def check_resumes_to(out, step, expected, ranks, tiny_llama):
+def check_resumes_to(out, step, expected, ranks, tiny_llama, tolerance=1e-6):
     """checkpoint-STEP is the newest complete one, and the same command (in the pool) ends with `expected`."""
     assert resume.latest_complete(out).name == f"checkpoint-{step}" and not (out / "train_results.json").exists()
     resumed = ranks.torchrun("train.py", *flags(tiny_llama, out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {out / f'checkpoint-{step}'}" in resumed.stderr
     weights, losses = final_state(out)
-    assert_same_tensors(weights, expected[0], 1e-6)
-    assert losses[step:] == pytest.approx(expected[1][step:], abs=1e-5)
+    assert_same_tensors(weights, expected[0], tolerance)
+    assert losses[step:] == pytest.approx(expected[1][step:], abs=10 * tolerance)
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_sigterm_to_the_launcher_saves_every_rank_at_one_step_and_exits_75(tiny_llama, uninterrupted_ddp, ranks,
-                                                                           tmp_path):
-    """scripts/launch_torchrun.sh: TERM goes to torchrun, which forwards it to the workers."""
-    step = random.Random(1).randint(2, STEPS - 1)
+def test_a_killed_rank_restarts_by_itself_then_sigterm_to_the_launcher_saves_and_exits_75(tiny_llama, uninterrupted_ddp,
+                                                                                         ranks, tmp_path):
+    """scripts/launch_torchrun.sh with MAX_RESTARTS=1, as a run's life on a cluster goes: rank 1 is killed (kill -9)
+    at step 4 with checkpoint-3 complete, torchrun restarts both workers and they resume from it by themselves; at a
+    later step TERM reaches the script, goes to torchrun, which forwards it to the workers: they save that step and
+    the script exits 75; the same command resumes. Every part ends bitwise where the uninterrupted DDP run does."""
+    step = random.Random(1).randint(5, STEPS - 1)
     out = tmp_path / "out"
-    result = launched("scripts/launch_torchrun.sh", step, "TERM", *flags(tiny_llama, out), MASTER_PORT="29811")
+    result = launched("scripts/launch_torchrun.sh", f"4:KILL:rank1,{step}:TERM:script",
+                      *flags(tiny_llama, out, "--save_strategy", "steps", "--save_steps", "3", "--save_total_limit", "1"),
+                      MASTER_PORT="29811", MAX_RESTARTS="1")
     assert result.returncode == guard.PREEMPTED, result.stderr[-3000:]
+    assert "restarted by torchrun (restart 1): resuming from the newest complete checkpoint" in result.stderr
+    assert f"resuming from {out / 'checkpoint-3'}" in result.stderr
     assert f"preempted at step {step}: checkpoint-{step} saved; rerun the same command to resume" in result.stderr
-    check_resumes_to(out, step, uninterrupted_ddp, ranks, tiny_llama)
+    assert [p.name for p in resume.checkpoints(out)] == [f"checkpoint-{step}"]  # --save_total_limit 1
+    check_resumes_to(out, step, uninterrupted_ddp, ranks, tiny_llama, tolerance=0.0)  # DDP on the CPU: bitwise
 
 
 @pytest.mark.slow
@@ -161,7 +169,7 @@ def test_slurm_usr1_saves_exits_75_and_requeues(tiny_llama, uninterrupted_ddp, r
                      scancel="pkill -USR1 -f scripts/launch_torchrun.sh")  # --signal=USR1: to the job's steps
     step = random.Random(2).randint(2, STEPS - 1)
     out = tmp_path / "out"
-    result = launched("scripts/train.slurm", step, "USR1", *flags(tiny_llama, out), PATH=path,
+    result = launched("scripts/train.slurm", f"{step}:USR1:script", *flags(tiny_llama, out), PATH=path,
                       SLURM_NNODES="1", SLURM_JOB_ID="42", SLURM_JOB_NODELIST="node-1", GPUS_PER_NODE="2",
                       MASTER_PORT="29821")
     assert result.returncode == guard.PREEMPTED, result.stderr[-3000:]
@@ -175,28 +183,10 @@ def test_slurm_usr1_saves_exits_75_and_requeues(tiny_llama, uninterrupted_ddp, r
 def test_a_signal_to_one_rank_only_stops_both_at_the_same_step(tiny_llama, uninterrupted_ddp, ranks, tmp_path):
     step = random.Random(3).randint(2, STEPS - 1)
     out = tmp_path / "out"
-    result = ranks.torchrun("tests/helpers/train_and_signal.py", *flags(tiny_llama, out), SIGNAL_AT_STEP=str(step),
-                            SIGNAL="USR1", SIGNAL_TO="rank1")
+    result = ranks.torchrun("tests/helpers/train_and_signal.py", *flags(tiny_llama, out), SIGNALS=f"{step}:USR1:rank1")
     assert result.returncode == guard.PREEMPTED, result.stderr[-3000:]
     assert f"preempted at step {step}: checkpoint-{step} saved" in result.stderr
     check_resumes_to(out, step, uninterrupted_ddp, ranks, tiny_llama)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_a_rank_killed_under_max_restarts_resumes_by_itself(tiny_llama, uninterrupted_ddp, tmp_path):
-    """`kill -9` of one rank at step 5 (checkpoint-3 complete) under scripts/launch_torchrun.sh with MAX_RESTARTS=1."""
-    out = tmp_path / "out"
-    result = launched("scripts/launch_torchrun.sh", 5, "KILL", *flags(tiny_llama, out, "--save_strategy", "steps",
-                      "--save_steps", "3", "--save_total_limit", "1"), MASTER_PORT="29831", MAX_RESTARTS="1",
-                      SIGNAL_TO="rank1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "restarted by torchrun (restart 1): resuming from the newest complete checkpoint" in result.stderr
-    assert f"resuming from {out / 'checkpoint-3'}" in result.stderr
-    weights, losses = final_state(out)
-    assert_same_tensors(weights, uninterrupted_ddp[0])  # DDP on the CPU: bitwise
-    assert losses[3:] == uninterrupted_ddp[1][3:]
-    assert [p.name for p in resume.checkpoints(out)] == [f"checkpoint-{STEPS}"]  # --save_total_limit 1
 
 
 def nan_at(step: int, watched: list):
@@ -272,8 +262,7 @@ def test_sharded_strategies_and_adapters_resume_a_preemption(extra, tiny_llama, 
     reference = ranks.torchrun("train.py", *run_flags(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr[-3000:]
     out = tmp_path / "out"
-    stopped = ranks.torchrun("tests/helpers/train_and_signal.py", *run_flags(out), SIGNAL_AT_STEP="4", SIGNAL="TERM",
-                             SIGNAL_TO="rank1")
+    stopped = ranks.torchrun("tests/helpers/train_and_signal.py", *run_flags(out), SIGNALS="4:TERM:rank1")
     assert stopped.returncode == guard.PREEMPTED, stopped.stderr[-3000:]
     assert resume.latest_complete(out).name == "checkpoint-4" and not (out / "train_results.json").exists()
     resumed = ranks.torchrun("train.py", *run_flags(out))

@@ -1,7 +1,8 @@
-"""train.py that sends a signal when a given step begins: to one rank only, or to a given process (a launcher, a job
-script); with SIGKILL to one rank, only in the first run (a run restarted by torchrun trains on).
+"""train.py that sends signals when given steps begin, each to rank 1 only or to the launcher or job script that the
+test started (SCRIPT_PID). A SIGKILL (a node failure) happens in the first run only: a run restarted by torchrun
+trains on.
 
-    SIGNAL_AT_STEP=5 SIGNAL=TERM SIGNAL_TO=rank1|PID torchrun ... tests/helpers/train_and_signal.py <train.py flags>
+    SIGNALS="3:KILL:rank1,7:TERM:script" SCRIPT_PID=... torchrun ... tests/helpers/train_and_signal.py <train.py flags>
 """
 
 import os
@@ -12,19 +13,20 @@ from transformers import TrainerCallback
 
 from instructune.cli import run, train
 
-AT_STEP = int(os.environ["SIGNAL_AT_STEP"])
-SIGNAL = getattr(signal, "SIG" + os.environ.get("SIGNAL", "TERM"))
-TO = os.environ["SIGNAL_TO"]
+EVENTS = [(int(step), getattr(signal, f"SIG{name}"), target)
+          for step, name, target in (event.split(":") for event in os.environ["SIGNALS"].split(","))]
 
 
 class SignalAtStep(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step + 1 != AT_STEP or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-            return
-        if TO == "rank1" and args.process_index == 1:
-            os.kill(os.getpid(), SIGNAL)
-        elif TO.isdigit() and args.process_index == 0:  # a process of the test's choosing (a launcher, a job script)
-            os.kill(int(TO), SIGNAL)
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        for step, sent, target in EVENTS:
+            if step != state.global_step + 1 or (sent == signal.SIGKILL and restarted):
+                continue
+            if target == "rank1" and args.process_index == 1:
+                os.kill(os.getpid(), sent)
+            elif target == "script" and args.process_index == 0:
+                os.kill(int(os.environ["SCRIPT_PID"]), sent)
 
 
 if __name__ == "__main__":
