@@ -27,7 +27,7 @@ import torch
 from transformers import TrainerCallback
 
 from instructune.checkpoint import resume
-from instructune.errors import UserError
+from instructune.errors import ConfigError, UserError
 from instructune.files import atomic_file
 
 logger = logging.getLogger("instructune")
@@ -41,8 +41,6 @@ LAUNCHER_NOTE = "INSTRUCTUNE_PREEMPTED_FILE"
 
 def signals_of(names: str) -> list[signal.Signals]:
     """'TERM,USR1,INT' → the signals; '' or 'none' → none. An unknown name is a one-line error."""
-    from instructune.errors import ConfigError
-
     chosen = []
     for name in (n.strip().upper().removeprefix("SIG") for n in names.split(",")):
         if name in ("", "NONE"):
@@ -148,11 +146,8 @@ class StepGuard(TrainerCallback):
             with atomic_file(Path(os.environ[LAUNCHER_NOTE])) as f:
                 f.write(note)
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self.restore()
-
     def restore(self) -> None:
-        """The signals' handlers as they were (also when training ends with an exception)."""
+        """The signals' handlers as they were; the recipe calls it however training ends (an exception included)."""
         for s, handler in self.previous.items():
             signal.signal(s, handler)
         self.previous = {}

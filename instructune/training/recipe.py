@@ -159,7 +159,7 @@ def train(
         eval_dataset=validation or None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[*(callbacks or []), step_guard],
+        callbacks=callbacks,
         compute_loss_func=target_token_loss if target_logits else None,
         speed=SpeedMeter(model, training_args.device, training_args.world_size),
         flat_batches=collator.flatten,

@@ -60,8 +60,9 @@ class InstructTrainer(Trainer):
         self.speed, self.flat_batches, self.guard = speed, flat_batches, guard
         self.run_id = uuid.uuid4().hex  # in the checkpoints this run completes (their markers)
         self.mask_from_positions = None  # flattened batches: None until checked, then whether to build the mask
-        if speed is not None:
-            self.add_callback(speed)
+        for callback in (speed, guard):
+            if callback is not None:
+                self.add_callback(callback)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.speed is not None:
