@@ -37,9 +37,10 @@ sys.path.insert(0, str(REPO))
 
 from instructune.modeling import models  # noqa: E402
 from instructune.modeling.builtin import builtin_model_path  # noqa: E402
-from instructune.data import IGNORE_INDEX, DatasetSpec, load_mix  # noqa: E402
+from instructune.data import IGNORE_INDEX, DatasetSpec  # noqa: E402
 from instructune.data.batching import Collator, pack  # noqa: E402
-from instructune.data.cache import encode_cached  # noqa: E402
+from instructune.data.cache import Encoding, conversations, prepare  # noqa: E402
+from instructune.data.encode import example  # noqa: E402
 from instructune.data.templates import ALPACA_NO_INPUT, ALPACA_WITH_INPUT  # noqa: E402
 from instructune.training.speed import SpeedMeter  # noqa: E402
 from instructune.training.trainer import InstructTrainer, target_token_loss  # noqa: E402
@@ -128,7 +129,7 @@ def main() -> None:
     tokenizer = models.load_tokenizer(model_path)
     models.add_missing_special_tokens(tokenizer, "[PAD]")
     records = json.loads(DATA.read_text())
-    conversations = load_mix([DatasetSpec(str(DATA))], dedup=False).conversations  # Alpaca keeps duplicates too
+    specs = [DatasetSpec(str(DATA))]
 
     print(f"tokenising {len(records)} records ({DATA.name}), SmolLM2's tokenizer, max length {options.max_length}")
     started = time.perf_counter()
@@ -139,9 +140,10 @@ def main() -> None:
         timings = []
         for _ in ("cold", "warm"):
             started = time.perf_counter()
-            examples, _, _ = encode_cached(conversations, tokenizer, "alpaca", options.max_length, False, "truncate",
-                                             cache)
+            prepared = prepare(specs, tokenizer, Encoding("alpaca", options.max_length), dedup=False,  # as Alpaca
+                               cache_dir=cache)
             timings.append(time.perf_counter() - started)
+        sources = [json.loads(row)["source"] for row in conversations(prepared.folder)["conversation"]]
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     cold_s, warm_s = timings
@@ -151,8 +153,8 @@ def main() -> None:
     chosen = sorted(random.Random(0).sample(range(len(records)), options.examples))
     usable = [i for i in chosen if records[i]["output"].strip()]  # the same records in both pipelines
     reference_examples = alpaca_tokenise([records[i] for i in usable], tokenizer, options.max_length)
-    position = {c.source: n for n, c in enumerate(conversations)}
-    ours = [examples[position[f"{DATA}: record {i}"]] for i in usable]
+    position = {source: n for n, source in enumerate(sources)}
+    ours = [example(prepared.rows[position[f"{DATA}: record {i}"]]) for i in usable]
     ours = [{k: e[k] for k in ("input_ids", "labels")} for e in ours]
     # The same records; a few differ by a token where Alpaca tokenises prompt and response as one text.
     reference_tokens, our_tokens = (sum(len(e["input_ids"]) for e in s) for s in (reference_examples, ours))
@@ -170,7 +172,8 @@ def main() -> None:
         collator = Collator(tokenizer, flatten=flat, target_logits_only=target_only)
         dataset, batch = copy.copy(ours), options.batch_size
         if name == "packing":  # rows of max_length tokens; one row per step holds about as many examples as a batch
-            dataset, fill = pack(ours, options.max_length)
+            groups, fill = pack([len(e["input_ids"]) for e in ours], options.max_length)
+            dataset = [[ours[i] for i in group] for group in groups]
             batch = 1
             print(f"  packing: {len(ours)} examples into {len(dataset)} rows, {fill:.1%} full")
         results[name] = train_speed(name, model_path, tokenizer, dataset, collator, batch, name != "padding_free_foreach_adamw",

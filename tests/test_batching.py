@@ -3,6 +3,7 @@ logits of a packed row equal those of the examples run alone, no example sees an
 the mean over the targets of the whole optimizer step."""
 
 import json
+import random
 import types
 
 import pytest
@@ -89,7 +90,8 @@ def test_packed_row_logits_equal_examples_run_alone(model_fixture, request):
     model_path = request.getfixturevalue(model_fixture)
     tokenizer, examples = tokenizer_and_examples(model_path, max_length=512)
     model = load(model_path, tokenizer)
-    rows, fill = pack(examples, 512)
+    groups, fill = pack([len(e["input_ids"]) for e in examples], 512)
+    rows = [[examples[i] for i in group] for group in groups]
     assert len(rows) <= len(examples) / 3 and fill > 0.8
     collator = Collator(tokenizer, flatten=True)
     needs_mask = mask_needed_to_keep_examples_apart(model, collator, "cpu")
@@ -198,6 +200,29 @@ def test_best_fit_decreasing():
     assert all(sum(lengths[i] for i in row) <= 10 for row in rows if len(row) > 1)
     # 28 tokens fit 3 rows of 10 at best (7+3, 5+4+1, 4+2+2), plus the 12 alone: BFD finds that optimum
     assert sorted(sorted(lengths[i] for i in row) for row in rows) == [[1, 4, 5], [2, 2, 4], [3, 7], [12]]
+
+
+def test_best_fit_decreasing_by_rooms_is_the_plain_algorithm():
+    """The O(n log n) packing (rows kept by free room) makes the very rows of the plain one (every row searched)."""
+    def plain(lengths, capacity):
+        rows, free = [], []  # (free tokens, row number)
+        for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+            fits = [(room, row) for room, row in free if room >= lengths[index]]
+            if fits:
+                room, row = min(fits)
+                free.remove((room, row))
+                rows[row].append(index)
+                free.append((room - lengths[index], row))
+            else:
+                rows.append([index])
+                if capacity > lengths[index]:
+                    free.append((capacity - lengths[index], len(rows) - 1))
+        return rows
+
+    generator = random.Random(0)
+    for capacity, longest in ((64, 80), (512, 400), (2048, 300)):
+        lengths = [generator.randint(1, longest) for _ in range(3000)]
+        assert pack_best_fit_decreasing(lengths, capacity) == plain(lengths, capacity)
 
 
 @pytest.mark.slow  # trains (the fast tier trains nothing)

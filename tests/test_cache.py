@@ -1,18 +1,26 @@
-"""Tokenised data is cached: a second run loads exactly what the first computed, and anything that changes the
-result (data, tokenizer, template, max length, train_on_inputs) misses."""
+"""Data is prepared once: a second run memory-maps exactly what the first computed, anything that changes the result
+(data, tokenizer, template, max length, train_on_inputs, sampling) misses, token ids take 2 bytes where the
+vocabulary allows, a preparation killed half-way resumes from its finished shards, and the ranks that do not
+prepare wait for the one that does (and share its error)."""
 
-import dataclasses
+import json
 import logging
+import threading
 
 import pytest
 
 from instructune.cli import main
-from instructune.data import encode_conversations, load_conversations
-from instructune.data.cache import encode_cached
+from instructune.data import encode_conversations, load_mix
+from instructune.data.cache import Encoding, prepare
+from instructune.data.encode import example
+from instructune.data.sources import DatasetSpec
+from instructune.errors import DataError
 from instructune.modeling import models
 
 from conftest import SAMPLE_DATA
 from test_train import tiny_run_flags
+
+ALPACA = Encoding("alpaca", 256)
 
 
 def tokenizer(path):
@@ -21,59 +29,132 @@ def tokenizer(path):
     return loaded
 
 
+def entries(cache_dir):
+    return sorted(p for p in cache_dir.iterdir() if p.is_dir() and "." not in p.name)
+
+
+def examples_of(prepared):
+    return [example(prepared.rows[int(i)]) for i in prepared.examples().indices]
+
+
 @pytest.fixture
-def conversations():
-    return load_conversations(str(SAMPLE_DATA))
+def data(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_bytes(SAMPLE_DATA.read_bytes())
+    return path
 
 
-def test_a_second_run_loads_what_the_first_computed(tiny_llama, conversations, tmp_path):
+def test_a_second_run_loads_what_the_first_computed(tiny_llama, data, tmp_path):
     llama = tokenizer(tiny_llama)
-    expected = encode_conversations(conversations, llama, "alpaca", 256)
-    first = encode_cached(conversations, llama, "alpaca", 256, False, "truncate", tmp_path)
+    specs = [DatasetSpec(str(data))]
+    expected, expected_stats = encode_conversations(load_mix(specs).conversations, llama, "alpaca", 256)
+    first = prepare(specs, llama, ALPACA, cache_dir=tmp_path / "cache")
     llama("some text", truncation=True, max_length=8, padding="max_length")  # leaves settings on the tokenizer
-    second = encode_cached(conversations, llama, "alpaca", 256, False, "truncate", tmp_path)
-    assert (first[2], second[2]) == (False, True)
-    assert first[:2] == second[:2] == expected  # the same examples and statistics, truncation included
-    assert expected[1].truncated > 0
-    assert len(list(tmp_path.iterdir())) == 1
+    second = prepare(specs, llama, ALPACA, cache_dir=tmp_path / "cache")
+    assert (first.hit, second.hit) == (False, True)
+    assert examples_of(first) == examples_of(second) == expected  # the same examples, truncation included
+    assert first.stats == second.stats
+    assert (second.stats.records, second.stats.kept, second.stats.truncated) == \
+        (expected_stats.records, expected_stats.kept, expected_stats.truncated)
+    assert expected_stats.truncated > 0
+    assert len(entries(tmp_path / "cache")) == 1
+    assert second.rows.features["input_ids"].feature.dtype == "uint16"  # a 32K vocabulary: 2 bytes a token
 
 
-def test_what_changes_the_result_misses(tiny_llama, tiny_opt, conversations, tmp_path):
-    llama = tokenizer(tiny_llama)
-    base = ("alpaca", 256, False, "truncate")
-    assert not encode_cached(conversations, llama, *base, tmp_path)[2]
-    changed_record = dataclasses.replace(conversations[3], messages=conversations[3].messages[:1] + (
-        dataclasses.replace(conversations[3].messages[1], content="A different answer."),))
+def test_what_changes_the_result_misses(tiny_llama, tiny_opt, data, tmp_path):
+    llama, cache = tokenizer(tiny_llama), tmp_path / "cache"
+    specs = [DatasetSpec(str(data))]
+    before = examples_of(prepare(specs, llama, ALPACA, cache_dir=cache))
     with_new_token = tokenizer(tiny_llama)
     with_new_token.add_tokens(["<new>"])
     with_chat_template = tokenizer(tiny_llama)  # the tiny tokenizer has none, so that 'chat' can render
     with_chat_template.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     variants = {
-        "another tokenizer": (conversations, tokenizer(tiny_opt), *base),
-        "the same tokenizer with a token more": (conversations, with_new_token, *base),
-        "a chat template": (conversations, with_chat_template, *base),
-        "another prompt template": (conversations, with_chat_template, "chat", 256, False, "truncate"),
-        "another max length": (conversations, llama, "alpaca", 128, False, "truncate"),
-        "train_on_inputs": (conversations, llama, "alpaca", 256, True, "truncate"),
-        "overlong drop": (conversations, llama, "alpaca", 256, False, "drop"),
-        "one record changed": (conversations[:3] + [changed_record] + conversations[4:], llama, *base),
-        "a subset": (conversations[:50], llama, *base),
+        "another tokenizer": (specs, tokenizer(tiny_opt), ALPACA),
+        "the same tokenizer with a token more": (specs, with_new_token, ALPACA),
+        "a chat template": (specs, with_chat_template, ALPACA),
+        "another prompt template": (specs, with_chat_template, Encoding("chat", 256)),
+        "another max length": (specs, llama, Encoding("alpaca", 128)),
+        "train_on_inputs": (specs, llama, Encoding("alpaca", 256, train_on_inputs=True)),
+        "overlong drop": (specs, llama, Encoding("alpaca", 256, overlong="drop")),
+        "a subset": ([DatasetSpec(str(data), "50")], llama, ALPACA),
     }
     for name, arguments in variants.items():
-        assert not encode_cached(*arguments, tmp_path)[2], name
-    assert encode_cached(conversations, llama, *base, tmp_path)[2]  # and the original still hits
-    assert len(list(tmp_path.iterdir())) == 1 + len(variants)
+        assert not prepare(*arguments, cache_dir=cache).hit, name
+    assert not prepare([DatasetSpec(str(data), "50")], llama, ALPACA, seed=7, cache_dir=cache).hit  # another sample
+    assert not prepare(specs, llama, ALPACA, dedup=False, cache_dir=cache).hit
+    assert prepare(specs, llama, ALPACA, cache_dir=cache).hit  # and the original still hits
+    records = json.loads(data.read_text())
+    records[3]["output"] = "A different answer."
+    data.write_text(json.dumps(records))
+    changed = prepare(specs, llama, ALPACA, cache_dir=cache)
+    assert not changed.hit and examples_of(changed)[3] != before[3] and examples_of(changed)[4:] == before[4:]
+    assert len(entries(cache)) == 4 + len(variants)  # the original, the variants, seed, dedup, the changed file
 
 
-def test_a_folder_without_its_marker_is_not_a_cache(tiny_llama, conversations, tmp_path):
+def test_a_folder_without_its_marker_is_not_a_cache(tiny_llama, data, tmp_path):
     """A run killed after writing the data but before marking it complete: the next run tokenises again."""
-    llama = tokenizer(tiny_llama)
-    encode_cached(conversations, llama, "alpaca", 256, False, "truncate", tmp_path)
-    (folder,) = tmp_path.iterdir()
-    (folder / "complete").unlink()
-    examples, _, hit = encode_cached(conversations, llama, "alpaca", 256, False, "truncate", tmp_path)
-    assert not hit and (folder / "complete").exists()
-    assert examples == encode_conversations(conversations, llama, "alpaca", 256)[0]
+    llama, specs = tokenizer(tiny_llama), [DatasetSpec(str(data))]
+    first = prepare(specs, llama, ALPACA, cache_dir=tmp_path)
+    (first.folder / "complete").unlink()
+    again = prepare(specs, llama, ALPACA, cache_dir=tmp_path)
+    assert not again.hit and (again.folder / "complete").exists()
+    assert examples_of(again) == examples_of(first)
+
+
+def test_a_preparation_killed_half_way_resumes_from_its_finished_shards(tiny_llama, data, tmp_path, monkeypatch):
+    from instructune.data import cache
+
+    llama, specs = tokenizer(tiny_llama), [DatasetSpec(str(data))]
+    reference = examples_of(prepare(specs, llama, ALPACA, cache_dir=tmp_path / "reference"))
+    monkeypatch.setattr(cache, "SHARD_ROWS", 40)  # 125 records: 4 shards
+    encoded, real = [], cache.encode_columns
+
+    def dies_in_the_third_shard(conversations, *args):
+        if len(encoded) == 2:
+            raise KeyboardInterrupt  # as a kill would: no error note, the work folder left as it is
+        encoded.append(conversations[0].source)
+        return real(conversations, *args)
+
+    monkeypatch.setattr(cache, "encode_columns", dies_in_the_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(specs, llama, ALPACA, cache_dir=tmp_path / "cache")
+    assert not entries(tmp_path / "cache")
+    monkeypatch.setattr(cache, "encode_columns", lambda conversations, *args: (encoded.append(
+        conversations[0].source), real(conversations, *args))[1])
+    resumed = prepare(specs, llama, ALPACA, cache_dir=tmp_path / "cache")
+    assert len(encoded) == 4  # shards 1 and 2 were kept; only 3 and 4 tokenised again
+    assert examples_of(resumed) == reference
+    assert not list((tmp_path / "cache").glob("*.work"))  # the work folder goes once the entry is complete
+
+
+def test_ranks_that_do_not_prepare_wait_for_the_one_that_does_and_share_its_error(tiny_llama, data, tmp_path):
+    llama, specs = tokenizer(tiny_llama), [DatasetSpec(str(data))]
+    waited = []
+    waiter = threading.Thread(target=lambda: waited.append(prepare(specs, tokenizer(tiny_llama), ALPACA,
+                                                                   cache_dir=tmp_path, wait=True)))
+    waiter.start()
+    waiter.join(timeout=2)
+    assert waiter.is_alive() and not entries(tmp_path)  # it prepares nothing itself
+    prepared = prepare(specs, llama, ALPACA, cache_dir=tmp_path)
+    waiter.join(timeout=30)
+    assert waited and waited[0].hit and examples_of(waited[0]) == examples_of(prepared)
+
+    data.write_text('[{"instruction": "a", "output": 3}]')
+    errors = []
+
+    def wait_for_bad():
+        try:
+            prepare(specs, tokenizer(tiny_llama), ALPACA, cache_dir=tmp_path, wait=True)
+        except DataError as e:
+            errors.append(str(e))
+
+    waiter = threading.Thread(target=wait_for_bad)
+    waiter.start()
+    with pytest.raises(DataError, match="field 'output' must be a string") as raised:
+        prepare(specs, llama, ALPACA, cache_dir=tmp_path)
+    waiter.join(timeout=30)
+    assert errors == [str(raised.value)]
 
 
 @pytest.mark.slow  # trains (the fast tier trains nothing)

@@ -13,7 +13,7 @@ def main(argv: list[str]) -> int:
     from instructune.data import TEMPLATES
     from instructune.data.inspect import format_summary, inspect, write_report
     from instructune.data.sources import parse_datasets
-    from instructune.modeling.models import load_tokenizer, resolve_model_path
+    from instructune.modeling.models import add_missing_special_tokens, load_tokenizer, resolve_model_path
 
     parser = argparse.ArgumentParser(prog="instructune data", description=HELP)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -25,6 +25,11 @@ def main(argv: list[str]) -> int:
     command.add_argument("--output_dir", type=Path, help="write summary.json and lengths.png here")
     command.add_argument("--show", type=int, default=3, help="how many rendered examples to print (learned span in ⟦ ⟧)")
     command.add_argument("--seed", type=int, default=42, help="the sampling seed of PATH:COUNT entries")
+    command.add_argument("--pad_token", default="[PAD]", help="as for training: added when the tokenizer has none "
+                         "(the cache entry is the training run's only with the same tokenizer)")
+    command.add_argument("--tokenized_cache_dir", help="the training run's cache, read (or written) here: a run with "
+                         "the same data and settings then finds its data prepared")
+    command.add_argument("--preprocessing_num_workers", type=int, help="processes that tokenise, if not cached yet")
     rater = commands.add_parser("filter", help="rate every record 0-5 with a rater model (OpenAI-compatible "
                                 "chat-completions endpoint) and keep those at or above --threshold")
     rater.add_argument("datasets", nargs="+", help="files, folders or hub ids, each optionally PATH:all|COUNT|PERCENT%%")
@@ -43,8 +48,10 @@ def main(argv: list[str]) -> int:
         return run_filter(args)
 
     tokenizer = load_tokenizer(resolve_model_path(args.tokenizer))
+    add_missing_special_tokens(tokenizer, args.pad_token)
     summary, shown, lengths = inspect(parse_datasets(",".join(args.datasets)), tokenizer, args.prompt_template,
-                                      args.model_max_length, args.seed, args.show)
+                                      args.model_max_length, args.seed, args.show, args.tokenized_cache_dir,
+                                      args.preprocessing_num_workers)
     print(format_summary(summary))
     for i, text in enumerate(shown):
         print(f"\n--- example {i} ---\n{text}")

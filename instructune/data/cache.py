@@ -1,17 +1,22 @@
-"""Tokenise once: a batched `datasets` map, stored on disk under a fingerprint of everything that decides
-its result, loaded by the other ranks and by later runs.
+"""Prepare once: the mix read, deduplicated, sampled, rendered and tokenised into Arrow shards on disk, under a
+fingerprint of everything that decides the result; memory-mapped by the other ranks and by later runs.
 
-The fingerprint is ours, not `datasets`' (which hashes functions and gives up on closures): the
-content of the conversations to encode (so the data files' content, and the mix, sampling and dedup
-that chose from them), the tokenizer (its name and a hash of its full definition: vocabulary, merges,
-normalisation, special tokens), its chat template, the prompt template, max length, train_on_inputs,
-overlong and ENCODING_VERSION. Change any of them and the cache misses.
+The fingerprint is ours, not `datasets`' (which hashes functions and gives up on closures): the datasets given
+(path, size, format, and a hash of each file's content), the seed and dedup, the tokenizer (its name and a hash of
+its full definition: vocabulary, merges, normalisation, special tokens), its chat template, the prompt template,
+max length, train_on_inputs, overlong and ENCODING_VERSION. Change any of them and the cache misses.
 
-The main process of each node tokenises first (with a progress bar) while the others wait, then
-they load its result; a folder appears only complete (each writer writes its own staging folder, fsync'd, then
-renames it; the first rename wins), so a run killed while tokenising leaves nothing that a later run would take for
-a cache. The cache is checked, not trusted: its marker records the row count and a hash of every file, and an
-entry that is damaged (truncated, garbage, altered token ids) is rebuilt with a warning.
+Preparation streams: records go from the files into an Arrow file of conversations (never a list of Python
+objects), then `datasets.map` tokenises it shard by shard (SHARD_ROWS rows, `num_proc` processes each) into a work
+folder beside the entry. A run killed while preparing leaves its finished shards there, and the next run with the
+same fingerprint tokenises only the rest. The entry appears only complete (staged, fsync'd, renamed: the first
+rename wins), its marker recording the row count, the statistics and a hash of every file; an entry that is damaged
+is rebuilt with a warning. Token ids are stored in the smallest type that holds the vocabulary (uint16 below 65,536
+tokens) and targets as [start, end) spans, not as a second id column.
+
+One process per node prepares (the main one); the others wait for the entry's marker by polling the folder, not in
+a collective, so no process-group timeout (`--ddp_timeout`) limits how long preparation may take. If the main
+process fails on the data, it leaves the error beside the entry and the waiting ranks raise it too.
 """
 
 import contextlib
@@ -21,56 +26,92 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-from instructune.data.encode import DataStats, encode_columns, examples_and_stats
-from instructune.data.formats import Conversation, Message
+from instructune.data.batching import CachedExamples
+from instructune.data.encode import COLUMNS, DROPPED, DataStats, encode_columns, stats_of
+from instructune.data.formats import from_row
+from instructune.data.sources import DatasetSpec, load_mix, source_hash
+from instructune.errors import DataError
 from instructune.files import atomic_folder, cache_root
 
 logger = logging.getLogger("instructune")
 
 # Bump when encode.py or templates.py change what an example is: old caches then miss.
-ENCODING_VERSION = 1
-MARKER = "complete"  # written last: settings, row count and each file's hash
+ENCODING_VERSION = 2
+MARKER = "complete"  # written last: settings, row count, statistics and each file's hash
+SHARD_ROWS = 100_000  # rows tokenised per `map`: what a crash can lose, and the unit of the progress log
+WAIT_POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """What decides how a conversation becomes token ids (with the tokenizer)."""
+    template: str
+    max_length: int
+    train_on_inputs: bool = False
+    overlong: str = "truncate"
+
+
+@dataclass
+class Prepared:
+    rows: "object"  # datasets.Dataset of every conversation's COLUMNS (dropped ones too), memory-mapped
+    stats: DataStats
+    formats: dict[str, int]  # conversations per format
+    hit: bool  # loaded from the cache (or prepared by another process meanwhile)
+    folder: Path
+
+    def examples(self) -> CachedExamples:
+        """The rows that are training examples (the dropped ones left out), without a pass in Python."""
+        import numpy as np
+
+        return CachedExamples(self.rows, np.flatnonzero(self.rows.data.column("outcome").to_numpy() != DROPPED))
 
 
 def default_cache_dir() -> Path:
     return cache_root() / "tokenized"
 
 
-def encode_cached(conversations: list[Conversation], tokenizer, template: str, max_length: int,
-                  train_on_inputs: bool, overlong: str, cache_dir: str | Path | None = None, workers: int | None = None,
-                  main_process_first=None) -> tuple[list[dict], DataStats, bool]:
-    """(examples, stats, cache hit?) as encode_conversations would give them, from the cache when it has them.
+def prepare(specs: list[DatasetSpec], tokenizer, encoding: Encoding, seed: int = 42, strict: bool = False,
+            dedup: bool = True, cache_dir: str | Path | None = None, workers: int | None = None,
+            wait: bool = False) -> Prepared:
+    """The tokenised mix, from the cache when it has it. `wait`: this process is not its node's main one; it waits
+    for the main process to prepare the entry instead of preparing it too."""
+    folder = Path(cache_dir or default_cache_dir()) / fingerprint(specs, seed, dedup, tokenizer, encoding)
+    loaded = _load_checked(folder)
+    if loaded is None and wait:
+        loaded = _wait_for(folder)
+    if loaded is not None:
+        logger.info("tokenised data: cache hit (%s)", folder)
+        return _prepared(*loaded, hit=True, folder=folder)
+    from filelock import FileLock
 
-    `main_process_first`: TrainingArguments.main_process_first, so that in a distributed run one process per
-    node tokenises and the others load.
-    """
-    rows = [_to_json(c) for c in conversations]
-    settings = {"template": template, "max_length": max_length, "train_on_inputs": train_on_inputs,
-                "overlong": overlong, "version": ENCODING_VERSION}
-    folder = Path(cache_dir or default_cache_dir()) / fingerprint(rows, tokenizer, settings)
-    first = main_process_first(local=True, desc="tokenising") if main_process_first else contextlib.nullcontext()
-    with first:
-        columns = _load_checked(folder)
-        hit = columns is not None
-        if not hit:
+    with FileLock(str(folder) + ".lock"):  # one preparation of an entry at a time; the lock goes with its process
+        loaded = _load_checked(folder)  # prepared by another process while this one waited for the lock
+        if loaded is not None:
+            return _prepared(*loaded, hit=True, folder=folder)
+        failed = _failed_note(folder)
+        failed.unlink(missing_ok=True)
+        try:
             started = time.perf_counter()
-            _tokenise_into(folder, rows, tokenizer, settings, workers)
-            logger.info("tokenised %d records in %.1f s (cache miss; saved in %s)", len(rows),
-                        time.perf_counter() - started, folder)
-            columns = _columns(folder)  # just written (by this run or one that won the rename): not hashed again
-        else:
-            logger.info("tokenised data: cache hit (%s)", folder)
-    examples, stats = examples_and_stats(columns)
-    return examples, stats, hit
+            _prepare_into(folder, specs, tokenizer, encoding, seed, strict, dedup, workers)
+        except DataError as e:
+            failed.write_text(str(e))  # for the ranks that wait
+            raise
+        rows, marker = _load_checked(folder, trusted=True)
+        logger.info("tokenised %d records in %.1f s (cache miss; saved in %s)", marker["rows"],
+                    time.perf_counter() - started, folder)
+        return _prepared(rows, marker, hit=False, folder=folder)
 
 
-def fingerprint(rows: list[str], tokenizer, settings: dict) -> str:
+def fingerprint(specs: list[DatasetSpec], seed: int, dedup: bool, tokenizer, encoding: Encoding) -> str:
     digest = hashlib.sha256()
-    for row in rows:
-        digest.update(hashlib.sha256(row.encode()).digest())
+    for spec in specs:
+        digest.update(json.dumps([spec.path, spec.size, spec.format, source_hash(spec.path)]).encode())
+    sampled = any(spec.size != "all" for spec in specs)
+    settings = {**asdict(encoding), "seed": seed if sampled else None, "dedup": dedup, "version": ENCODING_VERSION}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     return digest.hexdigest()[:32]
@@ -91,33 +132,55 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
-def _to_json(conversation: Conversation) -> str:
-    return json.dumps({"messages": [[m.role, m.content, m.context] for m in conversation.messages],
-                       "format": conversation.format, "source": conversation.source}, ensure_ascii=False)
-
-
-def _from_json(row: str) -> Conversation:
-    data = json.loads(row)
-    return Conversation(tuple(Message(*m) for m in data["messages"]), data["format"], data["source"])
-
-
-def _encode_batch(batch: dict, tokenizer, settings: dict) -> dict:
-    conversations = [_from_json(row) for row in batch["conversation"]]
-    return encode_columns(conversations, tokenizer, settings["template"], settings["max_length"],
-                          settings["train_on_inputs"], settings["overlong"])
-
-
-def _tokenise_into(folder: Path, rows: list[str], tokenizer, settings: dict, workers: int | None) -> None:
+def features(tokenizer):
+    """The cache's column types: ids in uint16 when the vocabulary fits (2 bytes a token, not int64's 8)."""
     import datasets
 
-    dataset = datasets.Dataset.from_dict({"conversation": rows})
-    encoded = dataset.map(partial(_encode_batch, tokenizer=tokenizer, settings=settings), batched=True,
-                          batch_size=1000, num_proc=workers if workers and workers > 1 else None,
-                          remove_columns=["conversation"], new_fingerprint=folder.name, desc="tokenising")
-    with atomic_folder(folder, shared=True) as staging:  # another run may be writing the same entry
-        encoded.save_to_disk(str(staging))
+    ids = "uint16" if len(tokenizer) <= 1 << 16 else "int32"
+    return datasets.Features({"input_ids": datasets.List(datasets.Value(ids)),
+                              "target_spans": datasets.List(datasets.Value("int32")),
+                              "length": datasets.Value("int32"), "full_length": datasets.Value("int32"),
+                              "target_tokens": datasets.Value("int32"), "outcome": datasets.Value("uint8")})
+
+
+def _encode_batch(batch: dict, tokenizer, encoding: Encoding) -> dict:
+    return encode_columns([from_row(row) for row in batch["conversation"]], tokenizer, encoding.template,
+                          encoding.max_length, encoding.train_on_inputs, encoding.overlong)
+
+
+def _prepare_into(folder: Path, specs, tokenizer, encoding: Encoding, seed, strict, dedup, workers) -> None:
+    import datasets
+
+    work = folder.with_name(folder.name + ".work")  # kept across a crash: its finished shards are not redone
+    mix = load_mix(specs, seed, strict, dedup, folder=work)
+    shards = []
+    for number, start in enumerate(range(0, len(mix), SHARD_ROWS)):
+        started, end = time.perf_counter(), min(start + SHARD_ROWS, len(mix))
+        rows = mix.rows.select(range(start, end)) if (start, end) != (0, len(mix)) else mix.rows
+        shards.append(rows.map(
+            partial(_encode_batch, tokenizer=tokenizer, encoding=encoding), batched=True, batch_size=1000,
+            num_proc=workers if workers and workers > 1 and end - start > 1 else None, features=features(tokenizer),
+            remove_columns=["conversation"], cache_file_name=str(work / f"tokens-{number:05d}.arrow"),
+            new_fingerprint=f"{folder.name}-{number:05d}", desc=f"tokenising {start:,}-{end:,} of {len(mix):,}"))
+        logger.info("prepared rows %d-%d of %d in %.1f s", start, end, len(mix), time.perf_counter() - started)
+    tokens = datasets.concatenate_datasets(shards)
+    outcomes, full_lengths = (tokens.data.column(name).to_numpy() for name in ("outcome", "full_length"))
+    stats = stats_of(outcomes.tolist(), full_lengths)
+    stats.skipped, stats.duplicates, stats.sources = dict(mix.skipped), dict(mix.duplicates), mix.sources
+    with atomic_folder(folder, shared=True) as staging:
+        for path in sorted({Path(f["filename"]) for shard in shards for f in shard.cache_files}):
+            os.link(path, staging / path.name)  # hard links: the work folder may be read by a writer of another run
+        os.link(work / "conversations.arrow", staging / "conversations.arrow")
         files = {path.name: _file_hash(path) for path in sorted(staging.iterdir())}
-        (staging / MARKER).write_text(json.dumps({"settings": settings, "rows": len(encoded), "files": files}) + "\n")
+        marker = {"settings": asdict(encoding), "rows": len(tokens), "files": files, "stats": asdict(stats),
+                  "formats": dict(mix.formats)}
+        (staging / MARKER).write_text(json.dumps(marker) + "\n")
+    del mix, shards, tokens
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _prepared(rows, marker: dict, hit: bool, folder: Path) -> Prepared:
+    return Prepared(rows, DataStats(**marker["stats"]), marker["formats"], hit, folder)
 
 
 def _file_hash(path: Path) -> str:
@@ -125,32 +188,62 @@ def _file_hash(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _columns(folder: Path) -> dict[str, list]:
+def _token_rows(folder: Path):
     import datasets
 
-    table = datasets.load_from_disk(str(folder)).data
-    return {name: table.column(name).to_pylist() for name in ("input_ids", "labels", "length", "outcome")}
+    files = sorted(p for p in folder.glob("tokens-*.arrow"))
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(str(p)) for p in files])
 
 
-def _load_checked(folder: Path) -> dict[str, list] | None:
-    """The entry's columns, or None when there is none or it is damaged (then it is moved aside and removed)."""
+def conversations(folder: Path):
+    """The entry's conversations (JSON rows, formats.from_row), memory-mapped: what `data inspect` shows."""
+    import datasets
+
+    return datasets.Dataset.from_file(str(folder / "conversations.arrow"))
+
+
+def _failed_note(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".failed")
+
+
+def _wait_for(folder: Path) -> tuple | None:
+    """The entry, once the node's main process has prepared it; its error if it failed on the data."""
+    since, said = time.time(), False
+    while True:
+        loaded = _load_checked(folder)
+        if loaded is not None:
+            return loaded
+        failed = _failed_note(folder)
+        with contextlib.suppress(FileNotFoundError):
+            if failed.stat().st_mtime >= since - 1:
+                raise DataError(failed.read_text())
+        if not said:
+            logger.info("waiting for the main process to prepare the data (%s)", folder)
+            said = True
+        time.sleep(WAIT_POLL_S)
+
+
+def _load_checked(folder: Path, trusted: bool = False) -> tuple | None:
+    """(rows, marker) of the entry, or None when there is none or it is damaged (then it is moved aside and
+    removed). `trusted`: just written by this process, not hashed again."""
     if not folder.exists():
         return None
     try:
         marker = json.loads((folder / MARKER).read_text())
         files = {path.name for path in folder.iterdir()} - {MARKER}
-        if files != set(marker["files"]) or any(_file_hash(folder / name) != marker["files"][name] for name in files):
+        if files != set(marker["files"]) or not trusted and any(
+                _file_hash(folder / name) != marker["files"][name] for name in files):
             raise ValueError("its files differ from those it was written with")
-        columns = _columns(folder)
-        if len(columns["length"]) != marker["rows"]:
-            raise ValueError(f"{len(columns['length'])} rows, {marker['rows']} written")
-        return columns
+        rows = _token_rows(folder)
+        if len(rows) != marker["rows"] or rows.column_names != list(COLUMNS):
+            raise ValueError(f"{len(rows)} rows of {rows.column_names}, {marker['rows']} of {list(COLUMNS)} written")
+        return rows, marker
     except FileNotFoundError as e:
         if e.filename and Path(e.filename).name == MARKER:  # a folder without its marker: an older version's, or a torn one
             reason = "no completion marker"
         else:
             reason = f"{type(e).__name__}: {e}"
-    except Exception as e:  # whatever a damaged arrow file, state.json or marker raises
+    except Exception as e:  # whatever a damaged arrow file or marker raises
         reason = f"{type(e).__name__}: {e}"
     logger.warning("tokenised data in %s is damaged (%s); tokenising again", folder, str(reason).splitlines()[0][:200])
     aside = folder.with_name(f".{folder.name}.damaged-{os.getpid()}")

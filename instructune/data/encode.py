@@ -52,18 +52,31 @@ KEPT, TRUNCATED, DROPPED = 0, 1, 2  # what became of a conversation (the `outcom
 def encode_conversations(conversations: list[Conversation], tokenizer, template: str, max_length: int,
                          **options) -> tuple[list[dict], DataStats]:
     """Examples with input_ids, attention_mask and labels; examples too long are truncated or dropped.
-    `options`: train_on_inputs, overlong, as for encode_columns."""
-    return examples_and_stats(encode_columns(conversations, tokenizer, template, max_length, **options))
+    `options`: train_on_inputs, overlong, as for encode_columns. In memory: for small data and tests; training
+    reads the same rows from the cache (cache.py)."""
+    columns = encode_columns(conversations, tokenizer, template, max_length, **options)
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    examples = [example(row) for row in rows if row["outcome"] != DROPPED]
+    return examples, stats_of(columns["outcome"], columns["full_length"])
 
 
-def examples_and_stats(columns: dict[str, list]) -> tuple[list[dict], DataStats]:
-    """The kept examples of encode_columns' output, and what became of the rest."""
-    outcomes = columns["outcome"]
-    examples = [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-                for ids, labels, outcome in zip(columns["input_ids"], columns["labels"], outcomes) if outcome != DROPPED]
-    stats = DataStats(len(outcomes), len(examples), outcomes.count(TRUNCATED), outcomes.count(DROPPED),
-                      max(columns["length"], default=0))
-    return examples, stats
+def stats_of(outcomes, full_lengths) -> DataStats:
+    """What became of the conversations, from the outcome and full_length columns (lists or arrays)."""
+    outcomes = list(outcomes)
+    dropped = outcomes.count(DROPPED)
+    return DataStats(len(outcomes), len(outcomes) - dropped, outcomes.count(TRUNCATED), dropped,
+                     int(max(full_lengths, default=0)))
+
+
+def example(row: dict) -> dict:
+    """A cache row (input_ids and target_spans) → the example the collator pads or flattens: labels are the ids
+    inside the spans, IGNORE_INDEX elsewhere."""
+    ids = row["input_ids"]
+    labels = [IGNORE_INDEX] * len(ids)
+    spans = row["target_spans"]
+    for start, end in zip(spans[::2], spans[1::2]):
+        labels[start:end] = ids[start:end]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
 def encode_columns(
@@ -97,37 +110,49 @@ def encode_columns(
         for i, tokens in zip(chosen, encoded):
             ids[i] = tokens
 
-    columns = {"input_ids": [], "labels": [], "length": [], "outcome": []}
+    columns = {name: [] for name in COLUMNS}
     position = 0
     for chosen_template, segments in rendered:
-        input_ids, labels = [], []
+        input_ids, spans = [], []  # spans: [start, end) of each run of targets, flattened
         for text, is_target in segments:
             tokens = ids[position]
             position += 1
+            if tokens and (is_target or train_on_inputs):
+                if spans and spans[-1] == len(input_ids):
+                    spans[-1] += len(tokens)
+                else:
+                    spans += [len(input_ids), len(input_ids) + len(tokens)]
             input_ids += tokens
-            labels += tokens if is_target or train_on_inputs else [IGNORE_INDEX] * len(tokens)
-        if chosen_template == "alpaca":
+        if chosen_template == "alpaca":  # EOS ends the response and is learned with it
             input_ids.append(tokenizer.eos_token_id)
-            labels.append(tokenizer.eos_token_id)
-        columns["length"].append(len(input_ids))
-        outcome = KEPT
-        if len(input_ids) > max_length:
-            first_target = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
-            if overlong == "drop" or first_target >= max_length:  # nothing of the response would be left
-                outcome, input_ids, labels = DROPPED, [], []
+            end = len(input_ids)
+            spans = spans[:-1] + [end] if spans and spans[-1] == end - 1 else spans + [end - 1, end]
+        full_length, targets, outcome = len(input_ids), sum(spans[1::2]) - sum(spans[::2]), KEPT
+        if full_length > max_length:
+            if overlong == "drop" or not spans or spans[0] >= max_length:  # nothing of the response would be left
+                outcome, input_ids, spans = DROPPED, [], []
             else:
-                outcome, input_ids, labels = TRUNCATED, input_ids[:max_length], labels[:max_length]
-        columns["input_ids"].append(input_ids)
-        columns["labels"].append(labels)
-        columns["outcome"].append(outcome)
+                outcome, input_ids = TRUNCATED, input_ids[:max_length]
+                spans = _non_empty([min(p, max_length) for p in spans])
+        for name, value in zip(COLUMNS, (input_ids, spans, len(input_ids), full_length, targets, outcome)):
+            columns[name].append(value)
     return columns
 
 
-def hold_out(examples: list[dict], size: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, validation): `size` examples (a fraction of them if below 1) drawn with `seed`."""
-    count = round(size * len(examples)) if 0 < size < 1 else int(size)
-    if count >= len(examples):
-        raise DataError(f"--val_set_size {size:g} leaves nothing to train on ({len(examples)} examples)")
-    chosen = set(random.Random(seed).sample(range(len(examples)), count))
-    train = [e for i, e in enumerate(examples) if i not in chosen]
-    return train, [e for i, e in enumerate(examples) if i in chosen]
+# The columns of a tokenised conversation (one row each): its ids; its targets as [start, end) pairs (no second id
+# column); its length, and its length and target count before truncation (for `data inspect`); its outcome.
+COLUMNS = ("input_ids", "target_spans", "length", "full_length", "target_tokens", "outcome")
+
+
+def _non_empty(spans: list[int]) -> list[int]:
+    return [p for start, end in zip(spans[::2], spans[1::2]) if end > start for p in (start, end)]
+
+
+def hold_out(count: int, size: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, validation) indices of `count` examples: `size` of them (a fraction if below 1) drawn with `seed`
+    for validation, both in their original order."""
+    wanted = round(size * count) if 0 < size < 1 else int(size)
+    if wanted >= count:
+        raise DataError(f"--val_set_size {size:g} leaves nothing to train on ({count} examples)")
+    chosen = set(random.Random(seed).sample(range(count), wanted))
+    return [i for i in range(count) if i not in chosen], sorted(chosen)

@@ -11,6 +11,7 @@ instruction, output or any turn is empty is skipped and counted (per field), as 
 train.py trains past them, or refused with strict=True.
 """
 
+import json
 from dataclasses import dataclass
 
 from instructune.errors import DataError
@@ -40,6 +41,17 @@ class Conversation:
     @property
     def multi_turn(self) -> bool:
         return self.format in CHAT_FORMATS
+
+
+def to_row(conversation: Conversation) -> str:
+    """A conversation as one JSON text: how mixes and the tokenisation cache store it."""
+    return json.dumps({"messages": [[m.role, m.content, m.context] for m in conversation.messages],
+                       "format": conversation.format, "source": conversation.source}, ensure_ascii=False)
+
+
+def from_row(row: str) -> Conversation:
+    data = json.loads(row)
+    return Conversation(tuple(Message(*m) for m in data["messages"]), data["format"], data["source"])
 
 
 def instruction(text: str, context: str, response: str, format: str, source: str) -> Conversation:

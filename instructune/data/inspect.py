@@ -6,12 +6,14 @@ with an output folder, a JSON summary and a histogram PNG.
 """
 
 import json
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from instructune.data.encode import IGNORE_INDEX, encode_conversations
-from instructune.data.sources import DatasetSpec, load_mix
+import numpy as np
+
+from instructune.data.cache import Encoding, conversations, prepare
+from instructune.data.formats import from_row
+from instructune.data.sources import DatasetSpec
 from instructune.data.templates import render_segments
 from instructune.files import atomic_file, png_figure
 
@@ -27,35 +29,41 @@ class LengthStats:
     max: int
 
     @classmethod
-    def of(cls, values: list[int]) -> "LengthStats":
-        ordered = sorted(values)
+    def of(cls, values) -> "LengthStats":
+        ordered = np.sort(np.asarray(values))
         def at(q: float) -> int:
-            return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-        return cls(round(statistics.fmean(ordered), 1), statistics.median(ordered), at(0.9), at(0.99), ordered[-1])
+            return int(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
+        return cls(round(float(ordered.mean()), 1), float(np.median(ordered)), at(0.9), at(0.99), int(ordered[-1]))
 
 
-def inspect(specs: list[DatasetSpec], tokenizer, template: str, max_length: int, seed: int = 42,
-            show: int = 3) -> tuple[dict, list[str], dict]:
-    """(summary, rendered examples with the target span marked, lengths {prompt, response, total})."""
-    mix = load_mix(specs, seed=seed)
-    examples, _ = encode_conversations(mix.conversations, tokenizer, template, max_length=10**9)
-    prompt = [sum(label == IGNORE_INDEX for label in e["labels"]) for e in examples]
-    total = [len(e["input_ids"]) for e in examples]
-    response = [t - p for t, p in zip(total, prompt)]
+def inspect(specs: list[DatasetSpec], tokenizer, template: str, max_length: int, seed: int = 42, show: int = 3,
+            cache_dir=None, workers: int | None = None) -> tuple[dict, list[str], dict]:
+    """(summary, rendered examples with the target span marked, lengths {prompt, response, total}), read from the
+    tokenisation cache a training run with these settings uses (prepared here if it is not there yet): lengths are
+    before truncation, so what model_max_length would cut is seen."""
+    prepared = prepare(specs, tokenizer, Encoding(template, max_length), seed, cache_dir=cache_dir, workers=workers)
+    columns = prepared.rows.data
+    total, response = (columns.column(name).to_numpy() for name in ("full_length", "target_tokens"))
+    prompt = total - response
+    stats = prepared.stats
     summary = {
-        "records": len(mix.conversations),
-        "sources": mix.sources,
-        "formats": dict(mix.formats),
-        "duplicates_removed": {"exact": mix.duplicates["exact"], "normalised": mix.duplicates["normalised"]},
-        "skipped_empty": dict(mix.skipped),
+        "records": stats.records,
+        "sources": stats.sources,
+        "formats": prepared.formats,
+        "duplicates_removed": {"exact": stats.duplicates.get("exact", 0),
+                               "normalised": stats.duplicates.get("normalised", 0)},
+        "skipped_empty": stats.skipped,
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "template": template,
         "model_max_length": max_length,
-        "over_max_length": sum(t > max_length for t in total),
+        "over_max_length": int((total > max_length).sum()),
         "tokens": {name: asdict(LengthStats.of(values)) for name, values in
                    (("prompt", prompt), ("response", response), ("total", total))},
+        "cache": str(prepared.folder),
     }
-    shown = [mark_targets(render_segments(c, template, tokenizer)) for c in mix.conversations[:show]]
+    rows = conversations(prepared.folder)
+    shown = [mark_targets(render_segments(from_row(rows[i]["conversation"]), template, tokenizer))
+             for i in range(min(show, len(rows)))]
     return summary, shown, {"prompt": prompt, "response": response, "total": total}
 
 
@@ -70,7 +78,7 @@ def write_report(summary: dict, lengths: dict, output_dir: Path) -> None:
     upper = max(1.25 * summary["model_max_length"], summary["tokens"]["total"]["p99"])
     with png_figure(output_dir / "lengths.png", size=(8, 4)) as (_, axes):
         for name in ("prompt", "response", "total"):
-            axes.hist([min(v, upper) for v in lengths[name]], bins=60, range=(0, upper), alpha=0.5, label=name)
+            axes.hist(np.minimum(lengths[name], upper), bins=60, range=(0, upper), alpha=0.5, label=name)
         axes.axvline(summary["model_max_length"], color="black", linestyle="--", label="model_max_length")
         axes.set_xlabel(f"tokens (longer ones counted at {upper:.0f})")
         axes.set_ylabel("examples")

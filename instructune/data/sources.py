@@ -7,15 +7,21 @@ Accepted inputs: a JSON list of records (Alpaca's alpaca_data.json), JSON Lines,
 everything, an exact count or a percentage, sampled reproducibly with the run's seed.
 """
 
+import codecs
+import hashlib
 import json
+import os
 import random
 import re
+import shutil
+import tempfile
+import weakref
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from instructune.data.formats import FORMATS, Conversation, json_type, to_conversations
+from instructune.data.formats import FORMATS, Conversation, from_row, json_type, to_conversations, to_row
 from instructune.errors import DataError
 from instructune.files import looks_like_hub_id
 
@@ -27,13 +33,32 @@ class DatasetSpec:
     format: str | None = None  # None: recognised per record
 
 
-@dataclass
 class Mix:
-    conversations: list[Conversation]
-    skipped: Counter = field(default_factory=Counter)  # per empty field
-    duplicates: Counter = field(default_factory=Counter)  # exact, normalised
-    sources: dict[str, int] = field(default_factory=dict)  # conversations taken per dataset
-    formats: Counter = field(default_factory=Counter)  # conversations per format
+    """The mixed conversations, held in an Arrow file (one JSON row each: formats.to_row), memory-mapped: a mix of
+    millions of records costs disk, not memory. `rows` is that file as a `datasets.Dataset` (sampled rows
+    selected); iterating or indexing the mix gives Conversations."""
+
+    def __init__(self, rows, skipped: Counter, duplicates: Counter, sources: dict[str, int], formats: Counter):
+        self.rows = rows
+        self.skipped = skipped  # per empty field
+        self.duplicates = duplicates  # exact, normalised
+        self.sources = sources  # conversations taken per dataset
+        self.formats = formats  # conversations per format
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Conversation:
+        return from_row(self.rows[index]["conversation"])
+
+    def __iter__(self) -> Iterator[Conversation]:
+        for batch in self.rows.iter(batch_size=1000):
+            yield from map(from_row, batch["conversation"])
+
+    @property
+    def conversations(self) -> list[Conversation]:
+        """All of them as Python objects: for small mixes (rating, tests); training streams `rows`."""
+        return list(self)
 
 
 SIZE = re.compile(r"all|\d+%?|\d+\.\d+%")
@@ -69,53 +94,98 @@ def parse_datasets(value: str) -> list[DatasetSpec]:
     return specs
 
 
-def load_mix(specs: list[DatasetSpec], seed: int = 42, strict: bool = False, dedup: bool = True) -> Mix:
-    """Every dataset read and validated, duplicates dropped across all of them (first seen kept), then each
-    sampled to its size."""
-    mix, seen_exact, seen_normalised = Mix([]), set(), set()
-    for spec in specs:
-        conversations = []
-        for conversation in load_conversations(spec.path, spec.format, strict, mix.skipped):
-            if dedup:
-                exact = _key(conversation, normalise=False)
-                normalised = _key(conversation, normalise=True)
-                if exact in seen_exact or normalised in seen_normalised:
-                    mix.duplicates["exact" if exact in seen_exact else "normalised"] += 1
-                    continue
-                seen_exact.add(exact)
-                seen_normalised.add(normalised)
-            conversations.append(conversation)
-        taken = _sample(conversations, spec, seed)
-        mix.conversations += taken
-        mix.sources[spec.path] = len(taken)
-        mix.formats.update(c.format for c in taken)
+def load_mix(specs: list[DatasetSpec], seed: int = 42, strict: bool = False, dedup: bool = True,
+             folder: Path | None = None) -> Mix:
+    """Every dataset streamed, validated and written to `folder`/conversations.arrow (a temporary folder if None),
+    duplicates dropped across all of them (first seen kept; 64-bit hashes of the exact and normalised texts are
+    kept, not the texts), then each dataset sampled to its size."""
+    import datasets
+    import pyarrow as pa
+
+    if folder is None:
+        folder = Path(tempfile.mkdtemp(prefix="instructune-mix-"))
+        owned = folder
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        owned = None
+    skipped, duplicates, sources, formats = Counter(), Counter(), {}, Counter()
+    seen_exact, seen_normalised = set(), set()
+    chosen, total = [], 0  # the rows taken, per dataset
+    staging = folder / f".conversations.arrow.{os.getpid()}"
+    schema = pa.schema([("conversation", pa.large_string())])
+    try:
+        with pa.OSFile(str(staging), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            batch = []
+            for spec in specs:
+                kinds = bytearray()  # each kept conversation's format, to count those sampled
+                for conversation in iter_conversations(spec.path, spec.format, strict, skipped):
+                    row = to_row(conversation)
+                    if dedup:
+                        exact, normalised = _keys(conversation)
+                        if exact in seen_exact or normalised in seen_normalised:
+                            duplicates["exact" if exact in seen_exact else "normalised"] += 1
+                            continue
+                        seen_exact.add(exact)
+                        seen_normalised.add(normalised)
+                    batch.append(row)
+                    kinds.append(FORMATS.index(conversation.format))
+                    if len(batch) == 10_000:
+                        writer.write_batch(pa.record_batch([pa.array(batch, pa.large_string())], schema=schema))
+                        batch = []
+                taken = _sample(len(kinds), spec, seed)
+                chosen.append(range(total, total + len(kinds)) if taken is None else [total + i for i in taken])
+                sources[spec.path] = len(chosen[-1])
+                formats.update(FORMATS[kinds[i]] for i in (taken if taken is not None else range(len(kinds))))
+                total += len(kinds)
+            if batch:
+                writer.write_batch(pa.record_batch([pa.array(batch, pa.large_string())], schema=schema))
+        path = folder / "conversations.arrow"
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    rows = datasets.Dataset.from_file(str(path))
+    if sum(map(len, chosen)) < total:
+        rows = rows.select([i for taken in chosen for i in taken])
+    mix = Mix(rows, skipped, duplicates, sources, formats)
+    if owned is not None:
+        weakref.finalize(mix, shutil.rmtree, owned, True)  # the file stays readable while mapped
     return mix
 
 
-def _key(conversation: Conversation, normalise: bool) -> tuple:
-    def text(s: str) -> str:
-        return " ".join(s.lower().split()) if normalise else s
+def _keys(conversation: Conversation) -> tuple[int, int]:
+    """64-bit hashes of the exact and the normalised (case, white space) texts: 1M records keep 2M integers, not
+    their texts; two different conversations share a hash with odds of about n²/2⁶⁵ (3e-8 at a million)."""
+    def key(text) -> str:
+        return "\0".join(f"{m.role}\1{text(m.content)}\1{text(m.context)}" for m in conversation.messages)
 
-    return tuple((m.role, text(m.content), text(m.context)) for m in conversation.messages)
+    exact, normalised = key(str), key(lambda s: " ".join(s.lower().split()))
+    return (int.from_bytes(hashlib.blake2b(exact.encode(), digest_size=8).digest()),
+            int.from_bytes(hashlib.blake2b(normalised.encode(), digest_size=8).digest()))
 
 
-def _sample(conversations: list[Conversation], spec: DatasetSpec, seed: int) -> list[Conversation]:
+def _sample(count: int, spec: DatasetSpec, seed: int) -> list[int] | None:
+    """The indices of the dataset's usable conversations to take, in order; None: all of them."""
     if spec.size == "all":
-        return conversations
-    count = round(float(spec.size[:-1]) / 100 * len(conversations)) if spec.size.endswith("%") else int(spec.size)
-    if count > len(conversations):
-        raise DataError(f"{spec.path}: {spec.size} records asked for, but it has {len(conversations)} usable ones")
-    if count == 0:
-        raise DataError(f"{spec.path}: {spec.size} of its {len(conversations)} usable records is none; ask for more or "
+        return None
+    wanted = round(float(spec.size[:-1]) / 100 * count) if spec.size.endswith("%") else int(spec.size)
+    if wanted > count:
+        raise DataError(f"{spec.path}: {spec.size} records asked for, but it has {count} usable ones")
+    if wanted == 0:
+        raise DataError(f"{spec.path}: {spec.size} of its {count} usable records is none; ask for more or "
                         "leave it out of --datasets")
-    chosen = sorted(random.Random(f"{seed}:{spec.path}").sample(range(len(conversations)), count))
-    return [conversations[i] for i in chosen]
+    return sorted(random.Random(f"{seed}:{spec.path}").sample(range(count), wanted))
 
 
 def load_conversations(data_path: str, format: str | None = None, strict: bool = False,
                        skipped: Counter | None = None) -> list[Conversation]:
-    """The usable conversations of `data_path`; empty ones are counted into `skipped` (per field), or refused
-    if `strict`. Raises DataError on the first structurally bad record."""
+    """The usable conversations of `data_path` as a list (small data: prompts, tests); see iter_conversations."""
+    return list(iter_conversations(data_path, format, strict, skipped))
+
+
+def iter_conversations(data_path: str, format: str | None = None, strict: bool = False,
+                       skipped: Counter | None = None) -> Iterator[Conversation]:
+    """The usable conversations of `data_path`, streamed; empty ones are counted into `skipped` (per field), or
+    refused if `strict`. Raises DataError on the first structurally bad record, or if none is usable."""
     path = Path(data_path)
     if path.is_file():
         rows = read_json_records(path)
@@ -123,21 +193,38 @@ def load_conversations(data_path: str, format: str | None = None, strict: bool =
         rows = _read_dataset(data_path)
     else:
         raise DataError(f"{data_path}: no such file or folder")
-    conversations, empty_here = [], Counter()
+    usable, empty_here = 0, Counter()
     for where, row in rows:
         found, empty = to_conversations(where, row, format)
         if not empty:
-            conversations += found
+            usable += len(found)
+            yield from found
         elif strict:
             raise DataError(f"{where}: field '{empty[0]}' is empty (without --strict_data such records are skipped)")
         else:
             empty_here[empty[0]] += 1
     if skipped is not None:
         skipped.update(empty_here)
-    if not conversations:
+    if not usable:
         what = f" ({skipped_summary(empty_here)})" if empty_here else ""
         raise DataError(f"{data_path}: no usable record{what}")
-    return conversations
+
+
+def source_hash(data_path: str) -> str:
+    """A hash of a dataset's content: a file's bytes; a folder's files (names and bytes); a hub dataset's
+    fingerprint in the local `datasets` cache."""
+    path = Path(data_path)
+    if path.is_file():
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path)}\0{source_hash(str(file))}\0".encode())
+        return digest.hexdigest()
+    if looks_like_hub_id(data_path):
+        return _load_dataset(data_path)._fingerprint
+    raise DataError(f"{data_path}: no such file or folder")
 
 
 def skipped_summary(skipped: Counter) -> str:
@@ -146,45 +233,149 @@ def skipped_summary(skipped: Counter) -> str:
 
 
 def read_json_records(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, record) of a JSON list or a JSON Lines file (a `.json` file of lines too), `where` naming the file and
-    the record or line; unreadable, non-UTF-8 or invalid JSON is a one-line DataError naming the place."""
+    """(where, record) of a JSON list or a JSON Lines file (a `.json` file of lines too), streamed: a file of any
+    size is read in bounded memory. `where` names the file and the record or line; unreadable, non-UTF-8 or invalid
+    JSON is a one-line DataError naming the place."""
     try:
-        text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")  # a UTF-8 BOM is harmless
+        handle = open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot read the file: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
-    if path.suffix in (".jsonl", ".ndjson"):
-        return _json_lines(path, text)
+    with handle:
+        head = handle.read(CHUNK)
+        handle.seek(3 if head.startswith(b"\xef\xbb\xbf") else 0)  # a UTF-8 BOM is harmless
+        start = _decode(path, head.removeprefix(b"\xef\xbb\xbf"), 0, final=len(head) < CHUNK).lstrip()
+        if path.suffix in (".jsonl", ".ndjson") or start[:1] == "{" and not _one_object(start):
+            yield from _json_lines(path, handle)  # many "*.json" files in the wild are JSON Lines
+        elif start[:1] == "[":
+            yield from _json_array(path, handle)
+        else:
+            try:
+                data = json.loads(_decode(path, handle.read(), 0, final=True))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+            raise DataError(f"{path}: the top level is a JSON {json_type(data)}, expected a list of records "
+                            '([{"instruction": ..., "input": ..., "output": ...}, ...])')
+
+
+CHUNK = 1 << 22  # bytes read at a time
+LONGEST_RECORD = 1 << 26  # characters: a JSON list element still unparsed after this much text is invalid, not cut
+
+
+def _decode(path: Path, data: bytes, offset: int, final: bool, decoder=None) -> str:
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        # Many "*.json" files in the wild are really JSON Lines: one object per line.
-        if e.msg == "Extra data" and text.lstrip().startswith("{"):
-            return _json_lines(path, text)
-        raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-    if not isinstance(data, list):
-        raise DataError(
-            f"{path}: the top level is a JSON {json_type(data)}, expected a list of records "
-            '([{"instruction": ..., "input": ..., "output": ...}, ...])'
-        )
-    return ((f"{path}: record {i}", row) for i, row in enumerate(data))
+        return decoder.decode(data, final) if decoder else data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (bad byte at offset {offset + e.start})") from None
 
 
-def _json_lines(path: Path, text: str) -> list[tuple[str, object]]:
-    rows = []
-    # Split on \n only: str.splitlines() also splits on U+2028 and U+0085, which JSON strings may contain.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
+def _json_lines(path: Path, handle) -> Iterator[tuple[str, object]]:
+    # Split on \n only (binary lines): str.splitlines() also splits on U+2028 and U+0085, which JSON strings may hold.
+    offset = handle.tell()
+    for number, line in enumerate(handle, start=1):
+        text = _decode(path, line, offset, final=True)
+        offset += len(line)
+        if not text.strip():
             continue
         try:
-            rows.append((f"{path}:{number}", json.loads(line)))
+            yield f"{path}:{number}", json.loads(text)
         except json.JSONDecodeError as e:
+            if number == 1:
+                _refuse_one_object(path, handle)  # a pretty-printed object, not JSON Lines
             raise DataError(f"{path}:{number}:{e.colno}: invalid JSON: {e.msg}") from None
-    return rows
+
+
+def _one_object(text: str) -> bool:
+    """Whether `text` is a single JSON value and nothing more (a file that is one object, not JSON Lines)."""
+    try:
+        _, end = json.JSONDecoder().raw_decode(text)
+    except json.JSONDecodeError:
+        return False
+    return not text[end:].strip()
+
+
+def _refuse_one_object(path: Path, handle) -> None:
+    handle.seek(0)
+    try:
+        data = json.loads(handle.read().decode("utf-8", errors="replace").removeprefix("\ufeff"))
+    except json.JSONDecodeError:
+        return
+    raise DataError(f"{path}: the top level is a JSON {json_type(data)}, expected a list of records "
+                    '([{"instruction": ..., "input": ..., "output": ...}, ...])')
+
+
+def _json_array(path: Path, handle) -> Iterator[tuple[str, object]]:
+    """The elements of a top-level JSON list, parsed one at a time from a window of the file."""
+    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
+    text, position, line, offset, done = "", 0, 1, handle.tell(), False
+
+    def more() -> bool:  # read the next chunk into the window; False at the end of the file
+        nonlocal text, position, line, offset, done
+        if done:
+            return False
+        data = handle.read(CHUNK)
+        done = len(data) < CHUNK
+        line += text.count("\n", 0, position)
+        text, position = text[position:] + _decode(path, data, offset, done, utf8), 0
+        offset += len(data)
+        return True
+
+    def skip_space() -> str:  # the next character that is not white space ("" at the end)
+        nonlocal position
+        while True:
+            match = NOT_SPACE.search(text, position)
+            if match:
+                position = match.start()
+                return text[position]
+            position = len(text)
+            if not more():
+                return ""
+
+    def fail(message: str, at: int):
+        before = text.count("\n", 0, at)
+        column = at - (text.rfind("\n", 0, at) + 1)
+        raise DataError(f"{path}:{line + before}:{column + 1}: invalid JSON: {message}")
+
+    more()
+    skip_space()
+    position += 1  # the "["
+    index = 0
+    if skip_space() == "]":
+        return
+    while True:
+        if skip_space() == "":
+            fail("Expecting value", position)
+        while True:
+            try:
+                row, end = decoder.raw_decode(text, position)
+                break
+            except json.JSONDecodeError as e:
+                if len(text) - position > LONGEST_RECORD or not more():
+                    fail(e.msg, e.pos)
+        position = end
+        yield f"{path}: record {index}", row
+        index += 1
+        separator = skip_space()
+        position += 1
+        if separator == "]":
+            break
+        if separator != ",":
+            fail("Expecting ',' delimiter", position - 1)
+    if skip_space():
+        fail("Extra data", position)
+
+
+NOT_SPACE = re.compile(r"[^ \t\n\r]")
 
 
 def _read_dataset(data_path: str) -> Iterator[tuple[str, object]]:
+    dataset = _load_dataset(data_path)
+    for start in range(0, len(dataset), 1000):
+        batch = dataset[start:start + 1000]
+        for offset, values in enumerate(zip(*batch.values())):
+            yield f"{data_path}: row {start + offset}", dict(zip(batch, values))
+
+
+def _load_dataset(data_path: str):
     import datasets
 
     try:
@@ -199,5 +390,5 @@ def _read_dataset(data_path: str) -> Iterator[tuple[str, object]]:
                         "first or pass a local file or folder".replace("\n", " ")) from None
     except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, KeyError…)
         raise DataError(f"{data_path}: cannot load the dataset: {type(e).__name__}: {e}".splitlines()[0]) from None
-    return ((f"{data_path}: row {i}", row) for i, row in enumerate(dataset))
+    return dataset
 

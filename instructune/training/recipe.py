@@ -16,9 +16,9 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from instructune.checkpoint import resume
 from instructune.config import DataArguments, ModelArguments, TrainingArguments, shipped
 from instructune.config.device import on_cpu
-from instructune.data import DatasetSpec, DataStats, hold_out, load_mix, parse_datasets
-from instructune.data.batching import Collator, pack
-from instructune.data.cache import encode_cached
+from instructune.data import DatasetSpec, DataStats, hold_out, parse_datasets
+from instructune.data.batching import Collator
+from instructune.data.cache import Encoding, prepare
 from instructune.errors import ConfigError, DataError, UserError
 from instructune.eval.harness import LmEvalCallback
 from instructune.modeling import adapters, models
@@ -77,15 +77,14 @@ def train(
     training_args: TrainingArguments,
     callbacks: list[TrainerCallback] | None = None,
 ) -> TrainOutcome:
-    # 1. Data: read, validate and mix every dataset (duplicates dropped); and where to resume from, if asked (or
-    # if this folder's run was preempted, or torchrun restarted it).
+    # 1. Where to resume from, if asked (or if this folder's run was preempted, or torchrun restarted it).
     training_args.resume_from_checkpoint = guard.resume_flag(training_args)
     checkpoint = resume_point(training_args)
+
+    # 2. Data: every dataset read, validated, mixed (duplicates dropped), rendered and tokenised, with the pad and EOS
+    # tokens that training needs: once, by one process per node, into the cache that later runs memory-map.
     specs = parse_datasets(data_args.datasets) if data_args.datasets else [DatasetSpec(data_args.data_path)]
     specs = [dataclasses.replace(spec, path=shipped(spec.path)) for spec in specs]
-    mix = load_mix(specs, training_args.seed, data_args.strict_data, data_args.dedup)
-
-    # 2. Tokenizer, with the pad and EOS tokens that training needs; then the examples (tokenised once, cached).
     model_path = models.resolve_model_path(model_args.model_name_or_path)
     models.check_context(model_path, training_args.model_max_length, training_args.cache_dir,
                          model_args.trust_remote_code)
@@ -94,29 +93,25 @@ def train(
     tokenizer = models.load_tokenizer(model_path, cache_dir=training_args.cache_dir,
                                       trust_remote_code=model_args.trust_remote_code)
     num_new_tokens = models.add_missing_special_tokens(tokenizer, model_args.pad_token)
-    examples, stats, _ = encode_cached(
-        mix.conversations,
-        tokenizer,
-        data_args.prompt_template,
-        training_args.model_max_length,
-        data_args.train_on_inputs,
-        data_args.overlong,
-        cache_dir=data_args.tokenized_cache_dir,
-        workers=data_args.preprocessing_num_workers,
-        main_process_first=training_args.main_process_first,  # one process per node tokenises, the others load
-    )
-    if not examples:
+    encoding = Encoding(data_args.prompt_template, training_args.model_max_length, data_args.train_on_inputs,
+                        data_args.overlong)
+    prepared = prepare(specs, tokenizer, encoding, training_args.seed, data_args.strict_data, data_args.dedup,
+                       cache_dir=data_args.tokenized_cache_dir, workers=data_args.preprocessing_num_workers,
+                       wait=training_args.local_process_index != 0)  # waits on the folder, not in a collective
+    examples, stats = prepared.examples(), prepared.stats
+    if not len(examples):
         raise DataError(f"{', '.join(s.path for s in specs)}: no record fits in model_max_length={training_args.model_max_length}")
-    validation = []
+    validation = None
     if data_args.val_set_size:
-        examples, validation = hold_out(examples, data_args.val_set_size, training_args.seed)
+        train_part, heldout_part = hold_out(len(examples), data_args.val_set_size, training_args.seed)
+        examples, validation = examples.select(train_part), examples.select(heldout_part)
         training_args.eval_on_start = True  # the held-out loss before training; the final one is measured below
+        stats = dataclasses.replace(stats, heldout=len(validation))
     train_examples = examples
     if data_args.packing:
-        train_examples, fill = pack(examples, training_args.model_max_length)
+        train_examples, fill = examples.packed(training_args.model_max_length)
         stats = dataclasses.replace(stats, packed_rows=len(train_examples), packed_fill=fill)
-    stats = dataclasses.replace(stats, skipped=dict(mix.skipped), duplicates=dict(mix.duplicates), sources=mix.sources,
-                                heldout=len(validation))
+    training_args.remove_unused_columns = False  # the collator reads the cache's columns (ids and target spans)
     logger.info("data: %s", stats.summary())
 
     # 3. Model, once the output folder is known to be ours to write: all of it trains, or LoRA adapters on it
@@ -156,7 +151,7 @@ def train(
         model=model,
         args=training_args,
         train_dataset=train_examples,
-        eval_dataset=validation or None,
+        eval_dataset=validation,
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from instructune.checkpoint import resume
 from instructune.checkpoint.tensorio import later_names
@@ -51,6 +52,8 @@ PRIVATE_HOOKS = {
     "_get_output_dir": ("trial",),  # the folder _save_checkpoint is about to write
     "create_accelerator_and_postprocess": (),  # real FSDP on the CPU: the accelerator must be changed before prepare
     "save_model": ("output_dir", "_internal_call"),  # FSDP sharded: the final model gathered into a full dict
+    # group_by_length from the cache's length column: the Trainer would read every example to measure it
+    "_get_train_sampler": ("train_dataset",),
 }
 
 
@@ -84,6 +87,13 @@ class InstructTrainer(Trainer):
         if self.speed is not None and "loss" in logs:  # a training log: add this window's speed
             logs.update(self.speed.take_window())
         super().log(logs, start_time)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.lengths().tolist())
+        return super()._get_train_sampler(train_dataset)
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()

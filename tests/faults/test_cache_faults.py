@@ -1,6 +1,6 @@
-"""The tokenisation cache is checked, not trusted (#20 §4): a damaged entry (truncated or garbage arrow file, bad
-state.json, altered token ids under a valid marker) is rebuilt with a warning, never trained on or a traceback; two
-runs writing one entry each stage their own folder, and the first rename wins."""
+"""The tokenisation cache is checked, not trusted (#20 §4): a damaged entry (truncated or garbage arrow file, a stray
+file, altered token ids under a valid marker) is rebuilt with a warning, never trained on or a traceback; two
+writers of one entry take turns, and the second finds the first's entry."""
 
 import json
 import logging
@@ -9,8 +9,9 @@ import threading
 import pyarrow as pa
 import pytest
 
-from instructune.data import load_conversations
-from instructune.data.cache import encode_cached
+from instructune.data.cache import Encoding, prepare
+from instructune.data.encode import example
+from instructune.data.sources import DatasetSpec
 from instructune.modeling.models import load_tokenizer
 
 from conftest import SAMPLE_DATA
@@ -18,18 +19,18 @@ from conftest import SAMPLE_DATA
 pytestmark = pytest.mark.slow  # a model loaded or built per test: the full suite's tier
 
 
-@pytest.fixture(scope="module")
-def conversations():
-    return load_conversations(str(SAMPLE_DATA))[:40]
+SPECS = [DatasetSpec(str(SAMPLE_DATA), "40")]
 
 
-def encode(conversations, tokenizer, cache_dir):
-    return encode_cached(conversations, tokenizer, "alpaca", 128, False, "truncate", cache_dir=cache_dir)
+def encode(tokenizer, cache_dir):
+    """(examples, hit) of the sample's 40 records."""
+    prepared = prepare(SPECS, tokenizer, Encoding("alpaca", 128), cache_dir=cache_dir)
+    return [example(prepared.rows[int(i)]) for i in prepared.examples().indices], prepared.hit
 
 
 def arrow_file(cache_dir):
-    (folder,) = [p for p in cache_dir.iterdir() if not p.name.startswith(".")]
-    return folder, next(folder.glob("*.arrow"))
+    (folder,) = [p for p in cache_dir.iterdir() if p.is_dir() and "." not in p.name]
+    return folder, next(folder.glob("tokens-*.arrow"))
 
 
 def truncate(path):
@@ -40,7 +41,7 @@ def garbage(path):
     path.write_bytes(b"\x00garbage" * 100)
 
 
-def bad_state(path):
+def stray_file(path):
     (path.parent / "state.json").write_text("{not json")
 
 
@@ -54,41 +55,41 @@ def altered_ids(path):
         writer.write_table(table)
 
 
-@pytest.mark.parametrize("damage", [truncate, garbage, bad_state, altered_ids])
-def test_a_damaged_entry_is_rebuilt_with_a_warning(tiny_llama, conversations, tmp_path, caplog, damage):
+@pytest.mark.parametrize("damage", [truncate, garbage, stray_file, altered_ids])
+def test_a_damaged_entry_is_rebuilt_with_a_warning(tiny_llama, tmp_path, caplog, damage):
     tokenizer = load_tokenizer(tiny_llama)
-    expected, _, hit = encode(conversations, tokenizer, tmp_path)
+    expected, hit = encode(tokenizer, tmp_path)
     assert not hit
     folder, arrow = arrow_file(tmp_path)
     damage(arrow)
     with caplog.at_level(logging.WARNING, logger="instructune"):
-        examples, _, hit = encode(conversations, tokenizer, tmp_path)
+        examples, hit = encode(tokenizer, tmp_path)
     assert not hit and examples == expected
     assert f"tokenised data in {folder} is damaged" in caplog.text and "tokenising again" in caplog.text
-    assert encode(conversations, tokenizer, tmp_path)[2]  # rebuilt: a hit again
-    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # nothing left aside
+    assert encode(tokenizer, tmp_path)[1]  # rebuilt: a hit again
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [folder.name]  # nothing aside
 
 
-def test_a_marker_from_before_the_check_is_rebuilt(tiny_llama, conversations, tmp_path):
+def test_a_marker_from_before_the_check_is_rebuilt(tiny_llama, tmp_path):
     """An entry whose marker has no hashes (an older version's) is not trusted either."""
     tokenizer = load_tokenizer(tiny_llama)
-    expected, _, _ = encode(conversations, tokenizer, tmp_path)
+    expected, _ = encode(tokenizer, tmp_path)
     folder, _ = arrow_file(tmp_path)
     (folder / "complete").write_text(json.dumps({"template": "alpaca"}) + "\n")
-    examples, _, hit = encode(conversations, tokenizer, tmp_path)
+    examples, hit = encode(tokenizer, tmp_path)
     assert not hit and examples == expected
 
 
-def test_two_writers_of_one_entry_do_not_collide(tiny_llama, conversations, tmp_path):
+def test_two_writers_of_one_entry_do_not_collide(tiny_llama, tmp_path):
     """Seen: two runs sharing a cache raced on one .partial folder (1 crash in 16)."""
     tokenizer = load_tokenizer(tiny_llama)
-    expected, _, _ = encode(conversations, tokenizer, tmp_path / "reference")
+    expected, _ = encode(tokenizer, tmp_path / "reference")
     for attempt in range(4):
         cache_dir, results, errors = tmp_path / f"shared-{attempt}", [], []
 
         def run():
             try:
-                results.append(encode(conversations, load_tokenizer(tiny_llama), cache_dir)[0])
+                results.append(encode(load_tokenizer(tiny_llama), cache_dir)[0])
             except Exception as e:  # noqa: BLE001 - any failure of either writer fails the test below
                 errors.append(e)
 
@@ -99,4 +100,4 @@ def test_two_writers_of_one_entry_do_not_collide(tiny_llama, conversations, tmp_
             thread.join()
         assert not errors and results == [expected] * 3
         assert [p.name for p in cache_dir.iterdir() if p.name.startswith(".")] == []  # no staging left behind
-        assert encode(conversations, tokenizer, cache_dir)[2]
+        assert encode(tokenizer, cache_dir)[1]
