@@ -43,7 +43,8 @@ class Collator:
     def __call__(self, items: list) -> dict:
         # An item is one example or a packed row (a list of them); an example is a cache row (ids and target spans)
         # or already has its labels.
-        examples = [e if "labels" in e else example(e) for item in items for e in (item if isinstance(item, list) else [item])]
+        flat = [e for item in items for e in (item if isinstance(item, list) else [item])]
+        examples = [e if "labels" in e else example(e) for e in flat]
         if self.flatten:
             batch = self.flat([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
             batch["use_cache"] = False

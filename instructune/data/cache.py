@@ -2,9 +2,10 @@
 fingerprint of everything that decides the result; memory-mapped by the other ranks and by later runs.
 
 The fingerprint is ours, not `datasets`' (which hashes functions and gives up on closures): the datasets given
-(path, size, format, and a hash of each file's content), the seed and dedup, the tokenizer (its name and a hash of
-its full definition: vocabulary, merges, normalisation, special tokens), its chat template, the prompt template,
-max length, train_on_inputs, overlong and ENCODING_VERSION. Change any of them and the cache misses.
+(path, size, format, and a hash of each file's content), the seed (when a size samples), strict and dedup, the
+tokenizer (its name and a hash of its full definition: vocabulary, merges, normalisation, special tokens), its chat
+template, the prompt template, max length, train_on_inputs, overlong and ENCODING_VERSION. Change any of them and
+the cache misses.
 
 Preparation streams: records go from the files into an Arrow file of conversations (never a list of Python
 objects), then `datasets.map` tokenises it shard by shard (SHARD_ROWS rows, `num_proc` processes each) into a work
@@ -79,7 +80,7 @@ def prepare(specs: list[DatasetSpec], tokenizer, encoding: Encoding, seed: int =
             wait: bool = False) -> Prepared:
     """The tokenised mix, from the cache when it has it. `wait`: this process is not its node's main one; it waits
     for the main process to prepare the entry instead of preparing it too."""
-    folder = Path(cache_dir or default_cache_dir()) / fingerprint(specs, seed, dedup, tokenizer, encoding)
+    folder = Path(cache_dir or default_cache_dir()) / fingerprint(specs, seed, strict, dedup, tokenizer, encoding)
     loaded = _load_checked(folder)
     if loaded is None and wait:
         loaded = _wait_for(folder)
@@ -97,8 +98,9 @@ def prepare(specs: list[DatasetSpec], tokenizer, encoding: Encoding, seed: int =
         try:
             started = time.perf_counter()
             _prepare_into(folder, specs, tokenizer, encoding, seed, strict, dedup, workers)
-        except DataError as e:
-            failed.write_text(str(e))  # for the ranks that wait
+        except Exception as e:  # the ranks that wait raise it too, instead of waiting for ever
+            failed.write_text(str(e) if isinstance(e, DataError) else
+                              f"{folder}: the main process failed to prepare the data: {type(e).__name__}: {e}")
             raise
         rows, marker = _load_checked(folder, trusted=True)
         logger.info("tokenised %d records in %.1f s (cache miss; saved in %s)", marker["rows"],
@@ -106,12 +108,14 @@ def prepare(specs: list[DatasetSpec], tokenizer, encoding: Encoding, seed: int =
         return _prepared(rows, marker, hit=False, folder=folder)
 
 
-def fingerprint(specs: list[DatasetSpec], seed: int, dedup: bool, tokenizer, encoding: Encoding) -> str:
+def fingerprint(specs: list[DatasetSpec], seed: int, strict: bool, dedup: bool, tokenizer, encoding: Encoding) -> str:
     digest = hashlib.sha256()
     for spec in specs:
         digest.update(json.dumps([spec.path, spec.size, spec.format, source_hash(spec.path)]).encode())
     sampled = any(spec.size != "all" for spec in specs)
-    settings = {**asdict(encoding), "seed": seed if sampled else None, "dedup": dedup, "version": ENCODING_VERSION}
+    # strict: a strict run must see the records a lenient one skipped (to name the first), so it has its own entry
+    settings = {**asdict(encoding), "seed": seed if sampled else None, "strict": strict, "dedup": dedup,
+                "version": ENCODING_VERSION}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     return digest.hexdigest()[:32]

@@ -1,0 +1,264 @@
+"""Data preparation at scale: a generated mix of up to a million records prepared (read, converted, deduplicated,
+rendered, tokenised, masked, cached) against the raw tokenizer's throughput on the same texts, measured in the same
+run; its memory at three sizes; the cache's bytes per token; a warm start; packing and length grouping; and
+`data inspect` on the cache.
+
+The mix is built from `../shared/data/` (Alpaca 9K and Dolly 3K records) with a deterministic variation per record
+(a numbered instruction, so deduplication keeps every one): half Alpaca-shaped records in one JSON list, a quarter
+ShareGPT and a quarter messages conversations in JSON Lines (some multi-turn, some with a system prompt). The
+tokenizer is SmolLM2's (the built-in model), max length 2048, 2 processes.
+
+- prep_ratio: our cold records/s at the largest size ÷ the raw tokenizer's records/s (`tokenizer(batch)` of 1,000
+  texts a call in 2 processes, over each record's prompt and response texts formatted by plain string formatting:
+  the tokenizer's work alone). Per tenth of the run, our records/s (the shards of the cache).
+- peak RSS of preparation: the preparing process plus its largest worker (ru_maxrss of each), at each size; the
+  slope between the smallest and largest size per record.
+- warm_start_s: `train.py --max_steps 1` on the cached mix, minus the same on a 100-record file: the time the data
+  adds from launch to the end of the first step.
+- pack_s: best fit decreasing of all the examples' lengths, and length grouping (the Trainer's sampler), the larger.
+- inspect_s: `instructune data inspect` of the mix, reading the cache the run used.
+
+    .venv/bin/python bench/data_scale.py                                   # ~10 minutes on 2 CPU cores
+    .venv/bin/python bench/data_scale.py --sizes 20000 60000 200000       # a quicker look
+
+Last line, machine-readable: prep_ratio=… peak_rss_gb=… rss_slope_kb_per_record=… warm_start_s=… pack_s=… inspect_s=…
+"""
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO))
+
+MAX_LENGTH, WORKERS = 2048, 2
+SYSTEM = "You are a helpful assistant."
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                 "request.\n\n### Instruction:\n{}\n\n### Response:")
+
+
+def base_records() -> list[dict]:
+    records = json.loads((SHARED / "random_9k.json").read_text()) + json.loads((SHARED / "dolly_3k.json").read_text())
+    return [r for r in records if r["instruction"].strip() and r["output"].strip()]
+
+
+def generate(folder: Path, count: int) -> list[Path]:
+    """count records: half Alpaca (a JSON list), a quarter ShareGPT, a quarter messages (JSON Lines)."""
+    base, generator = base_records(), random.Random(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / "alpaca.json", folder / "sharegpt.jsonl", folder / "messages.jsonl"]
+    files = [open(p, "w") for p in paths]
+    files[0].write("[\n")
+    for k in range(count):
+        record = base[k % len(base)]
+        instruction = f"{record['instruction']} (task {k})"
+        kind = 0 if k % 4 < 2 else k % 4 - 1
+        if kind == 0:
+            files[0].write((",\n" if k else "") + json.dumps({"instruction": instruction, "input": record["input"],
+                                                               "output": record["output"]}))
+            continue
+        turns = [(instruction + ("\n\n" + record["input"] if record["input"] else ""), record["output"])]
+        if generator.random() < 0.3:  # a second exchange
+            other = base[generator.randrange(len(base))]
+            turns.append((other["instruction"], other["output"]))
+        system = generator.random() < 0.3
+        if kind == 1:
+            conversation = [{"from": "system", "value": SYSTEM}] if system else []
+            conversation += [t for user, answer in turns for t in ({"from": "human", "value": user},
+                                                                   {"from": "gpt", "value": answer})]
+            files[1].write(json.dumps({"conversations": conversation}) + "\n")
+        else:
+            messages = [{"role": "system", "content": SYSTEM}] if system else []
+            messages += [m for user, answer in turns for m in ({"role": "user", "content": user},
+                                                               {"role": "assistant", "content": answer})]
+            files[2].write(json.dumps({"messages": messages}) + "\n")
+    files[0].write("\n]\n")
+    for f in files:
+        f.close()
+    return paths
+
+
+def texts_of(paths: list[Path]) -> list[str]:
+    """Each record's prompt and response texts, formatted by plain string formatting (ChatML-like for chats)."""
+    from instructune.data.sources import read_json_records
+
+    texts = []
+    for path in paths:
+        for _, row in read_json_records(path):
+            if "instruction" in row:
+                texts += [ALPACA_PROMPT.format(row["instruction"] + "\n\n" + row["input"]), row["output"]]
+            else:
+                turns = row.get("conversations") or row.get("messages")
+                texts += [f"<|im_start|>{t.get('from') or t.get('role')}\n{t.get('value') or t.get('content')}"
+                          "<|im_end|>\n" for t in turns]
+    return texts
+
+
+def tokenize_part(texts: list[str]) -> int:
+    from instructune.modeling.builtin import builtin_model_path
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_path("smollm2-135m"))
+    return sum(len(ids) for start in range(0, len(texts), 1000)
+               for ids in tokenizer(texts[start:start + 1000], add_special_tokens=False)["input_ids"])
+
+
+def reference(paths: list[Path], records: int) -> float:
+    texts = texts_of(paths)
+    parts = [texts[i::WORKERS] for i in range(WORKERS)]
+    with Pool(WORKERS) as pool:
+        pool.map(tokenize_part, [part[:2000] for part in parts])  # each worker's tokenizer loaded and warm
+        started = time.perf_counter()
+        pool.map(tokenize_part, parts)
+        return records / (time.perf_counter() - started)
+
+
+def child_prepare(folder: Path, cache: Path) -> None:
+    """In its own process, for its peak RSS: prepare the mix and print the figures as JSON."""
+    import logging
+
+    from instructune.data.cache import Encoding, prepare
+    from instructune.data.sources import DatasetSpec
+    from instructune.modeling import models
+    from instructune.modeling.builtin import builtin_model_path
+
+    shards = []
+
+    class Shards(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("prepared rows"):
+                shards.append((time.perf_counter(), record.args))
+
+    logging.getLogger("instructune").addHandler(Shards())
+    logging.getLogger("instructune").setLevel(logging.INFO)
+    tokenizer = models.load_tokenizer(str(builtin_model_path("smollm2-135m")))
+    models.add_missing_special_tokens(tokenizer, "[PAD]")
+    specs = [DatasetSpec(str(p)) for p in sorted(folder.iterdir())]
+    started = time.perf_counter()
+    prepared = prepare(specs, tokenizer, Encoding("alpaca", MAX_LENGTH), cache_dir=cache, workers=WORKERS)
+    elapsed = time.perf_counter() - started
+    tokens = sum(f.stat().st_size for f in prepared.folder.glob("tokens-*.arrow"))
+    entry = sum(f.stat().st_size for f in prepared.folder.iterdir())
+    token_count = int(prepared.rows.data.column("length").to_numpy().sum())
+    per_shard = [(end - start) / seconds for _, (start, end, _, seconds) in shards]
+    mix_s = shards[0][0] - shards[0][1][3] - started if shards else 0.0  # reading, converting and deduplicating
+    print(json.dumps({"seconds": elapsed, "records": prepared.stats.records, "shard_records_per_s": per_shard,
+                      "mix_s": mix_s, "tokens": token_count,
+                      "token_bytes": tokens, "entry_bytes": entry, "hit": prepared.hit,
+                      "rss_self_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "rss_children_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+
+
+def run(*command, **env) -> tuple[float, subprocess.CompletedProcess]:
+    started = time.perf_counter()
+    done = subprocess.run([str(c) for c in command], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **env})
+    if done.returncode:
+        sys.exit(f"failed: {' '.join(map(str, command))}\n{done.stderr[-3000:]}")
+    return time.perf_counter() - started, done
+
+
+def pack_and_group(cache: Path) -> tuple[float, float, int]:
+    import numpy as np
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from instructune.data.batching import pack
+
+    import datasets
+    (entry,) = [p for p in cache.iterdir() if p.is_dir() and "." not in p.name]
+    rows = datasets.concatenate_datasets([datasets.Dataset.from_file(str(p)) for p in sorted(entry.glob("tokens-*"))])
+    lengths = rows.data.column("length").to_numpy()
+    lengths = lengths[lengths > 0]
+    started = time.perf_counter()
+    pack(lengths, MAX_LENGTH)
+    pack_s = time.perf_counter() - started
+    started = time.perf_counter()
+    list(LengthGroupedSampler(8, lengths=lengths.tolist(), generator=torch.Generator().manual_seed(0)))
+    return pack_s, time.perf_counter() - started, len(np.asarray(lengths))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
+    parser.add_argument("--child", nargs=2, metavar=("FOLDER", "CACHE"), help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.child:
+        return child_prepare(Path(options.child[0]), Path(options.child[1]))
+    if not SHARED.exists():
+        sys.exit(f"skipped: {SHARED} is absent (the shared data folder is not beside the repo)")
+    work = Path(tempfile.mkdtemp(prefix="instructune-data-scale-"))
+    python, results = sys.executable, {}
+    try:
+        for size in options.sizes:
+            folder = work / f"mix-{size}"
+            started = time.perf_counter()
+            paths = generate(folder, size)
+            megabytes = sum(p.stat().st_size for p in paths) / 1e6
+            print(f"{size:,} records generated ({megabytes:,.0f} MB of JSON) in {time.perf_counter() - started:.0f} s",
+                  flush=True)
+            _, done = run(python, __file__, "--child", folder, work / f"cache-{size}")
+            results[size] = figures = json.loads(done.stdout.strip().splitlines()[-1])
+            rss = (figures["rss_self_kb"] + figures["rss_children_kb"]) / 2**20
+            print(f"  prepared in {figures['seconds']:.0f} s: {size / figures['seconds']:,.0f} records/s; peak RSS "
+                  f"{figures['rss_self_kb'] / 2**20:.2f} GB + worker {figures['rss_children_kb'] / 2**20:.2f} GB = "
+                  f"{rss:.2f} GB; {figures['token_bytes'] / figures['tokens']:.2f} bytes per token "
+                  f"({figures['entry_bytes'] / 1e6:,.0f} MB entry with the conversations)", flush=True)
+        largest, smallest = max(options.sizes), min(options.sizes)
+        big = results[largest]
+        print(f"  the largest run: {big['mix_s']:.0f} s reading, converting and deduplicating (one process), then "
+              "records/s per shard: " + ", ".join(f"{r:,.0f}" for r in big["shard_records_per_s"]))
+
+        raw = reference(sorted((work / f"mix-{smallest}").iterdir()), smallest)
+        prep_ratio = largest / big["seconds"] / raw
+        print(f"raw tokenizer: {raw:,.0f} records/s ({WORKERS} processes); ours at {largest:,}: "
+              f"{largest / big['seconds']:,.0f} records/s: {prep_ratio:.2f} of it", flush=True)
+
+        def peak(size):
+            return (results[size]["rss_self_kb"] + results[size]["rss_children_kb"]) / 2**20
+
+        slope = (peak(largest) - peak(smallest)) * 2**20 / (largest - smallest)
+        print("peak RSS: " + ", ".join(f"{size:,}: {peak(size):.2f} GB" for size in options.sizes) +
+              f"; slope {slope:.3f} kB per record")
+
+        mix = sorted((work / f"mix-{largest}").iterdir())
+        small = work / "small.json"
+        small.write_text(json.dumps(base_records()[:100]))
+        cache = work / f"cache-{largest}"
+        common = ["--model_name_or_path", "smollm2-135m", "--max_steps", "1", "--per_device_train_batch_size", "1",
+                  "--model_max_length", str(MAX_LENGTH), "--save_strategy", "no", "--report_to", "none",
+                  "--tokenized_cache_dir", str(cache), "--use_cpu", "True"]
+        run(python, "train.py", "--data_path", small, "--output_dir", work / "warm-small", *common)  # its cache warm
+        small_s, _ = run(python, "train.py", "--data_path", small, "--output_dir", work / "warm-small2", *common)
+        big_s, done = run(python, "train.py", "--datasets", ",".join(map(str, mix)), "--output_dir", work / "warm-big",
+                          *common)
+        assert "cache hit" in done.stderr, done.stderr[-2000:]
+        warm_start = big_s - small_s
+        print(f"warm start: {big_s:.1f} s to the first step with {largest:,} records cached, {small_s:.1f} s with "
+              f"100: {warm_start:.1f} s for the data")
+
+        pack_s, group_s, examples = pack_and_group(cache)
+        print(f"packing {examples:,} examples (best fit decreasing): {pack_s:.1f} s; length grouping: {group_s:.1f} s")
+
+        inspect_s, done = run(python, "-m", "instructune", "data", "inspect", *mix, "--model_max_length",
+                              str(MAX_LENGTH), "--tokenized_cache_dir", cache)
+        assert f"{largest} records" in done.stdout, done.stdout[-2000:]
+        print(f"data inspect of the {largest:,} mix from the cache: {inspect_s:.1f} s")
+        print(f"prep_ratio={prep_ratio:.2f} peak_rss_gb={peak(largest):.2f} rss_slope_kb_per_record={slope:.3f} "
+              f"warm_start_s={warm_start:.1f} pack_s={max(pack_s, group_s):.1f} inspect_s={inspect_s:.1f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
