@@ -19,7 +19,7 @@ tokenizer is SmolLM2's (the built-in model), max length 2048, 2 processes.
 - inspect_s: `instructune data inspect` of the mix, reading the cache the run used.
 
     .venv/bin/python bench/data_scale.py                                   # ~10 minutes on 2 CPU cores
-    .venv/bin/python bench/data_scale.py --sizes 20000 60000 200000       # a quicker look
+    .venv/bin/python bench/data_scale.py --sizes 100000 1000000           # two sizes: ~7 minutes
 
 Last line, machine-readable: prep_ratio=… peak_rss_gb=… rss_slope_kb_per_record=… warm_start_s=… pack_s=… inspect_s=…
 """
@@ -176,7 +176,8 @@ def pack_and_group(cache: Path) -> tuple[float, float, int]:
     from instructune.data.batching import pack
 
     import datasets
-    (entry,) = [p for p in cache.iterdir() if p.is_dir() and "." not in p.name]
+    entries = [p for p in cache.iterdir() if p.is_dir() and "." not in p.name]  # the mix's, and the 100 records'
+    entry = max(entries, key=lambda p: sum(f.stat().st_size for f in p.iterdir()))
     rows = datasets.concatenate_datasets([datasets.Dataset.from_file(str(p)) for p in sorted(entry.glob("tokens-*"))])
     lengths = rows.data.column("length").to_numpy()
     lengths = lengths[lengths > 0]
@@ -250,7 +251,7 @@ def main() -> None:
         pack_s, group_s, examples = pack_and_group(cache)
         print(f"packing {examples:,} examples (best fit decreasing): {pack_s:.1f} s; length grouping: {group_s:.1f} s")
 
-        inspect_s, done = run(python, "-m", "instructune", "data", "inspect", *mix, "--model_max_length",
+        inspect_s, done = run(python, "-m", "instructune.cli", "data", "inspect", *mix, "--model_max_length",
                               str(MAX_LENGTH), "--tokenized_cache_dir", cache)
         assert f"{largest} records" in done.stdout, done.stdout[-2000:]
         print(f"data inspect of the {largest:,} mix from the cache: {inspect_s:.1f} s")
