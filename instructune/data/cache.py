@@ -36,7 +36,7 @@ from instructune.data.encode import COLUMNS, DROPPED, DataStats, encode_columns,
 from instructune.data.formats import from_row
 from instructune.data.sources import DatasetSpec, load_mix, source_hash
 from instructune.errors import DataError
-from instructune.files import atomic_folder, cache_root
+from instructune.files import atomic_file, atomic_folder, cache_root
 
 logger = logging.getLogger("instructune")
 
@@ -99,8 +99,9 @@ def prepare(specs: list[DatasetSpec], tokenizer, encoding: Encoding, seed: int =
             started = time.perf_counter()
             _prepare_into(folder, specs, tokenizer, encoding, seed, strict, dedup, workers)
         except Exception as e:  # the ranks that wait raise it too, instead of waiting for ever
-            failed.write_text(str(e) if isinstance(e, DataError) else
-                              f"{folder}: the main process failed to prepare the data: {type(e).__name__}: {e}")
+            with atomic_file(failed) as note:  # whole or absent: a waiting rank may read it at any moment
+                note.write(str(e) if isinstance(e, DataError) else
+                           f"{folder}: the main process failed to prepare the data: {type(e).__name__}: {e}")
             raise
         rows, marker = _load_checked(folder, trusted=True)
         logger.info("tokenised %d records in %.1f s (cache miss; saved in %s)", marker["rows"],
