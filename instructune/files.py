@@ -4,6 +4,7 @@ its target, fsync'd, then renamed into place: model folders, diffs, the tokenisa
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -22,6 +23,12 @@ def cache_root() -> Path:
     measured CPU peaks."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "instructune"
     return Path(os.environ.get("INSTRUCTUNE_CACHE", default))
+
+
+def file_hash(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in blocks (a data file or a cache shard of any size)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def looks_like_hub_id(name: str) -> bool:

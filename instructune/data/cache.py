@@ -36,7 +36,7 @@ from instructune.data.encode import COLUMNS, DROPPED, DataStats, encode_columns,
 from instructune.data.formats import from_row
 from instructune.data.sources import DatasetSpec, load_mix, source_hash
 from instructune.errors import DataError
-from instructune.files import atomic_file, atomic_folder, cache_root
+from instructune.files import atomic_file, atomic_folder, cache_root, file_hash
 
 logger = logging.getLogger("instructune")
 
@@ -176,7 +176,7 @@ def _prepare_into(folder: Path, specs, tokenizer, encoding: Encoding, seed, stri
         for path in sorted({Path(f["filename"]) for shard in shards for f in shard.cache_files}):
             os.link(path, staging / path.name)  # hard links: the work folder may be read by a writer of another run
         os.link(work / "conversations.arrow", staging / "conversations.arrow")
-        files = {path.name: _file_hash(path) for path in sorted(staging.iterdir())}
+        files = {path.name: file_hash(path) for path in sorted(staging.iterdir())}
         marker = {"settings": asdict(encoding), "rows": len(tokens), "files": files, "stats": asdict(stats),
                   "formats": dict(mix.formats)}
         (staging / MARKER).write_text(json.dumps(marker) + "\n")
@@ -186,11 +186,6 @@ def _prepare_into(folder: Path, specs, tokenizer, encoding: Encoding, seed, stri
 
 def _prepared(rows, marker: dict, hit: bool, folder: Path) -> Prepared:
     return Prepared(rows, DataStats(**marker["stats"]), marker["formats"], hit, folder)
-
-
-def _file_hash(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _token_rows(folder: Path):
@@ -237,7 +232,7 @@ def _load_checked(folder: Path, trusted: bool = False) -> tuple | None:
         marker = json.loads((folder / MARKER).read_text())
         files = {path.name for path in folder.iterdir()} - {MARKER}
         if files != set(marker["files"]) or not trusted and any(
-                _file_hash(folder / name) != marker["files"][name] for name in files):
+                file_hash(folder / name) != marker["files"][name] for name in files):
             raise ValueError("its files differ from those it was written with")
         rows = _token_rows(folder)
         if len(rows) != marker["rows"] or rows.column_names != list(COLUMNS):

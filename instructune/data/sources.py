@@ -23,7 +23,7 @@ from typing import Iterator
 
 from instructune.data.formats import FORMATS, Conversation, from_row, json_type, to_conversations, to_row
 from instructune.errors import DataError
-from instructune.files import looks_like_hub_id
+from instructune.files import file_hash, looks_like_hub_id
 
 
 @dataclass(frozen=True)
@@ -215,8 +215,7 @@ def source_hash(data_path: str) -> str:
     fingerprint in the local `datasets` cache."""
     path = Path(data_path)
     if path.is_file():
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return file_hash(path)
     if path.is_dir():
         digest = hashlib.sha256()
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
