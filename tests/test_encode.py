@@ -6,6 +6,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq
 
 from instructune.data import IGNORE_INDEX, encode_conversations, load_conversations, render_prompt
+from instructune.data.encode import token_ids
 from instructune.data.formats import instruction
 from instructune.modeling import models
 
@@ -33,6 +34,21 @@ def _check_labels(records, tokenizer, template):
         prompt_length = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
         prompt = render_prompt(template, list(record.messages[:-1]), tokenizer)
         assert example["input_ids"][:prompt_length] == tokenizer(prompt, add_special_tokens=template == "alpaca").input_ids
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_opt"])
+def test_token_ids_are_the_tokenizers_own(model, request):
+    """The Rust backend called directly gives the ids a plain call gives, with and without special tokens; after a
+    call that left truncation set on the backend, the plain call is used (a direct call would truncate)."""
+    tokenizer = _tokenizer(request.getfixturevalue(model))
+    texts = ["Give three tips for staying healthy.", "  leading space and\ttab\n\nnewlines ", "Ünïcödé — 東京 🙂",
+             f"special tokens as text: {tokenizer.eos_token}{tokenizer.pad_token} end", ""]
+    for flag in (True, False):
+        assert token_ids(tokenizer, texts, flag) == tokenizer(texts, add_special_tokens=flag)["input_ids"]
+    tokenizer(texts, truncation=True, max_length=2)
+    assert tokenizer.backend_tokenizer.truncation is not None
+    after = token_ids(tokenizer, texts, False)
+    assert after == tokenizer(texts, add_special_tokens=False)["input_ids"] and max(map(len, after)) > 2
 
 
 def test_labels_are_the_response_and_eos_tiny_llama(tiny_llama):

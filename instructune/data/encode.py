@@ -105,9 +105,7 @@ def encode_columns(
     ids = [None] * len(texts)
     for flag in (True, False):
         chosen = [i for i, f in enumerate(with_specials) if f == flag]
-        # verbose=False: no "longer than the maximum" warning; over-long examples are handled and counted below
-        encoded = tokenizer([texts[i] for i in chosen], add_special_tokens=flag, verbose=False)["input_ids"] if chosen else []
-        for i, tokens in zip(chosen, encoded):
+        for i, tokens in zip(chosen, token_ids(tokenizer, [texts[i] for i in chosen], flag)):
             ids[i] = tokens
 
     columns = {name: [] for name in COLUMNS}
@@ -137,6 +135,21 @@ def encode_columns(
         for name, value in zip(COLUMNS, (input_ids, spans, len(input_ids), full_length, targets, outcome)):
             columns[name].append(value)
     return columns
+
+
+def token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """The ids of each text, as `tokenizer(texts)["input_ids"]` gives them.
+
+    A fast tokenizer's Rust backend is called directly (encode_batch_fast: no offsets) when its state is the one
+    a plain call sets (no truncation, no padding, special tokens split as the tokenizer says): the transformers
+    wrapper builds a dict per text (attention mask, overflow, length checks) that costs about as much as the
+    tokenising itself, and it was the largest cost of preparing a large mix (bench/data_scale.py)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if texts and backend is not None and hasattr(backend, "encode_batch_fast") and backend.truncation is None \
+            and backend.padding is None and backend.encode_special_tokens == bool(tokenizer.split_special_tokens):
+        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+    # verbose=False: no "longer than the maximum" warning; over-long examples are handled and counted by the caller
+    return tokenizer(texts, add_special_tokens=add_special_tokens, verbose=False)["input_ids"] if texts else []
 
 
 # The columns of a tokenised conversation (one row each): its ids; its targets as [start, end) pairs (no second id
