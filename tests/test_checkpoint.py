@@ -11,7 +11,8 @@ from instructune.checkpoint.shard import reshard
 from instructune.checkpoint.tensorio import TensorFolder
 from instructune.cli import main
 from instructune.errors import UserError
-from instructune.inference.engine import Sampling, answer, wrap
+from instructune.inference.answers import answer
+from instructune.inference.engine import Sampling, wrap
 
 from conftest import PYTHON, REPO, assert_same_tensors, run_command
 from test_train import tiny_run_flags

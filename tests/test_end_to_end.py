@@ -7,7 +7,8 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from instructune.cli import main
-from instructune.inference.engine import Sampling, answer, load
+from instructune.inference.answers import answer
+from instructune.inference.engine import Sampling, load
 
 from conftest import REPO, SCRIPTS, SHARED_DATA, run_command
 

@@ -79,7 +79,8 @@ def test_counts_per_test_set_with_order_swaps_disagreements_and_failures(judge, 
 
 def test_answers_are_generated_by_both_models_or_refused_when_missing(judge, tiny_llama, tiny_opt, tmp_path, capsys,
                                                                        monkeypatch):
-    from instructune.inference.engine import Sampling, answer, load
+    from instructune.inference.answers import answer
+    from instructune.inference.engine import Sampling, load
 
     test_set = tmp_path / "wizardlm_test_set.jsonl"
     test_set.write_text('{"idx": 1, "Instruction": "Say hi."}\n{"idx": 2, "Instruction": "Name a colour."}\n')

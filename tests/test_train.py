@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from instructune.cli import main, run, train
-from instructune.inference.engine import Sampling, answer, wrap
+from instructune.inference.answers import answer
+from instructune.inference.engine import Sampling, wrap
 
 from conftest import SAMPLE_DATA, assert_same_tensors, training_loss
 from helpers.probe import ProbeTraining, read_probes

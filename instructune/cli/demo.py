@@ -15,7 +15,8 @@ DEMO_QUESTIONS = [
 
 def main(argv: list[str]) -> int:
     from instructune.config import parse_train_args
-    from instructune.inference.engine import Sampling, answer, load
+    from instructune.inference.answers import answer
+    from instructune.inference.engine import Sampling, load
     from instructune.training import recipe
 
     if "--config" not in argv:

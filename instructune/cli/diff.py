@@ -65,7 +65,8 @@ def main(argv: list[str]) -> int:
     report = diff.recover(args.path_raw, args.path_diff, path_tuned, args.device, expected)
     print(f"{'recovered into ' + path_tuned if path_tuned else 'checked'}: {report.summary()}")
     if getattr(args, "test_inference", False) and path_tuned:
-        from instructune.inference.engine import answer, load
+        from instructune.inference.answers import answer
+        from instructune.inference.engine import load
 
         engine = load(path_tuned)
         instruction = "List three technologies that make life easier."

@@ -47,7 +47,8 @@ def main(argv: list[str]) -> int:
 
     from instructune.data.prompts import read_prompts
     from instructune.errors import UserError
-    from instructune.inference.engine import answer, answer_file, load
+    from instructune.inference.answers import answer, answer_file
+    from instructune.inference.engine import load
 
     prompts = read_prompts(args.input_file) if args.input_file else None  # bad input fails before the model loads
     engine = load(args.model, args.adapter, args.prompt_template)

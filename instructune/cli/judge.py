@@ -80,7 +80,8 @@ def generate(model: str, prompts, args, output: Path):
     """Answers by (instruction, input), written to `output` as well (reusable as --answers_a/b), and the model's name."""
     import gc
 
-    from instructune.inference.engine import Sampling, answer_file, load
+    from instructune.inference.answers import answer_file
+    from instructune.inference.engine import Sampling, load
 
     engine = load(model)
     answered = answer_file(engine, prompts, Sampling(max_new_tokens=args.max_new_tokens), args.batch_size, output)

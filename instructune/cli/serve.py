@@ -26,14 +26,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--api_key_env", default=None,
                         help="the environment variable holding the API key that clients must send as a Bearer token")
     parser.add_argument("--max_batch_size", type=int, default=defaults.max_batch_size,
-                        help="requests generated together")
+                        help="requests in flight (decoded together)")
+    parser.add_argument("--batching", default=defaults.batching, choices=("continuous", "static"),
+                        help="continuous (default): a request joins the running ones at the next step; static: it "
+                        "waits for the running batch to end (models with sliding-window caches always get static)")
     parser.add_argument("--max_tokens_limit", type=int, default=defaults.max_tokens,
                         help="the largest max_tokens a request may ask for")
     parser.add_argument("--max_request_bytes", type=int, default=defaults.max_request_bytes)
     parser.add_argument("--max_queue", type=int, default=defaults.max_queue,
                         help="requests in hand (waiting or running) before new ones get 429")
     parser.add_argument("--batch_wait_ms", type=float, default=defaults.batch_wait_ms,
-                        help="how long a request that finds the model idle waits for others to join its batch")
+                        help="static batches: how long a request that finds the model idle waits for others to "
+                        "join its batch (continuous batching needs no wait: later requests join at the next step)")
     parser.add_argument("--shutdown_grace_s", type=float, default=30,
                         help="on SIGTERM or Ctrl-C: stop accepting, let requests in hand finish for this long, cancel "
                         "what is left, exit 0")
@@ -59,7 +63,7 @@ def main(argv: list[str]) -> int:
 
     engine = load(args.model, args.adapter, args.prompt_template, args.served_model_name)
     limits = Limits(args.max_batch_size, args.max_tokens_limit, args.max_request_bytes, args.max_queue, args.batch_wait_ms,
-                    api_key, loopback_only=loopback)
+                    api_key, loopback_only=loopback, batching=args.batching)
     app = create_app(engine, limits)
     logger.info("serving %s (%s template, context %d) on http://%s:%d: chat page at /, API at /v1", engine.name,
                 engine.template, engine.context_length, args.host, args.port)

@@ -5,10 +5,10 @@ stop strings, its text streamed out as it becomes final. Used by `generate`, `se
 Batching is HF `generate` over left-padded prompts: per-request sampling runs in a logits processor that draws each
 sampling row's token with that request's own generator and leaves only it standing, so generate's greedy pick takes
 it (a seeded request gives the same tokens whatever it is batched with); per-request budgets, EOS and stop strings end
-rows in a stopping criterion. (transformers' continuous batching was measured at half the speed of this on the CPU.)
+rows in a stopping criterion. The same Answer and Sampler follow each request in continuous batching (continuous.py),
+which the server and answers.py use; `generate` is the static batch for the models it cannot serve.
 """
 
-import json
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -22,7 +22,6 @@ from instructune import run_summary
 from instructune.data.formats import Message
 from instructune.data.templates import TEMPLATES, render_prompt, template_adds_special_tokens
 from instructune.errors import UserError
-from instructune.files import atomic_file
 from instructune.modeling import adapters, models
 
 logger = logging.getLogger("instructune")
@@ -116,7 +115,7 @@ class Engine:
             self.check_fits(request.prompt_ids)
         budgets = [min(r.sampling.max_new_tokens, self.context_length - len(r.prompt_ids)) for r in requests]
         eos_ids = self.eos_ids
-        rows = Rows(self.tokenizer, requests, budgets, eos_ids)
+        answers = [Answer(self.tokenizer, r, b, eos_ids) for r, b in zip(requests, budgets)]
         if max(budgets) > 0:
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids)
             width = max(len(r.prompt_ids) for r in requests)
@@ -129,8 +128,8 @@ class Engine:
                                       eos_token_id=sorted(eos_ids))
             self.model.generate(input_ids=input_ids.to(self.model.device),
                                 attention_mask=attention_mask.to(self.model.device), generation_config=config,
-                                logits_processor=[PerRequestSampler(requests)], stopping_criteria=[rows])
-        completions = rows.completions()
+                                logits_processor=[PerRequestSampler(requests)], stopping_criteria=[Rows(answers)])
+        completions = [answer.completion() for answer in answers]
         scored = [(r, c) for r, c in zip(requests, completions) if r.logprobs is not None]
         if scored:
             for (request, completion), logprobs in zip(scored, self.score(
@@ -167,100 +166,112 @@ class Engine:
         return results
 
 
+class Sampler:
+    """One request's draws: its temperature, top-k and top-p, with its own generator (seeded: the same draws whatever
+    else is generated beside it)."""
+
+    def __init__(self, sampling: Sampling):
+        self.sampling = sampling
+        self.generator = torch.Generator()
+        self.generator.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
+
+    def draw(self, scores: torch.Tensor) -> int:
+        """The next token, drawn from one row of next-token scores."""
+        sampling = self.sampling
+        logits = scores.float().cpu() / sampling.temperature
+        if sampling.top_k and sampling.top_k < logits.numel():
+            logits[logits < torch.topk(logits, sampling.top_k).values[-1]] = -float("inf")
+        if sampling.top_p < 1.0:
+            ordered, order = torch.sort(logits, descending=True)
+            probabilities = torch.softmax(ordered, dim=-1)
+            drop = probabilities.cumsum(-1) - probabilities >= sampling.top_p  # keep the first token past top_p
+            drop[0] = False  # the likeliest always stays (a top_p that rounds to 0 in float32 would drop it)
+            logits[order[drop]] = -float("inf")
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=self.generator).item()
+
+
 class PerRequestSampler(LogitsProcessor):
-    """Each sampling row's next token drawn with its request's temperature, top-k, top-p and generator; the row's
-    scores then leave only that token, which generate's greedy choice takes. Greedy rows are left as they are."""
+    """For `generate`: each sampling row's next token drawn by its request's Sampler; the row's scores then leave only
+    that token, which generate's greedy choice takes. Greedy rows are left as they are."""
 
     def __init__(self, requests: list[Request]):
-        self.samplings = [r.sampling for r in requests]
-        self.generators = []
-        for sampling in self.samplings:
-            generator = torch.Generator()
-            generator.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
-            self.generators.append(generator)
+        self.samplers = [Sampler(r.sampling) for r in requests]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for i, (sampling, generator) in enumerate(zip(self.samplings, self.generators)):
-            if sampling.greedy:
-                continue
-            logits = scores[i].float().cpu() / sampling.temperature
-            if sampling.top_k and sampling.top_k < logits.numel():
-                logits[logits < torch.topk(logits, sampling.top_k).values[-1]] = -float("inf")
-            if sampling.top_p < 1.0:
-                ordered, order = torch.sort(logits, descending=True)
-                probabilities = torch.softmax(ordered, dim=-1)
-                drop = probabilities.cumsum(-1) - probabilities >= sampling.top_p  # keep the first token past top_p
-                drop[0] = False  # the likeliest always stays (a top_p that rounds to 0 in float32 would drop it)
-                logits[order[drop]] = -float("inf")
-            token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).item()
-            scores[i] = -float("inf")
-            scores[i, token] = 0.0
+        for i, sampler in enumerate(self.samplers):
+            if not sampler.sampling.greedy:
+                token = sampler.draw(scores[i])
+                scores[i] = -float("inf")
+                scores[i, token] = 0.0
         return scores
 
 
-class Rows(StoppingCriteria):
-    """Follows each row of a batched generate: its tokens, its text, when it ends and why, what may be streamed."""
+class Answer:
+    """One request's answer as its tokens come: its text, when it ends and why, and what may be streamed."""
 
-    def __init__(self, tokenizer, requests: list[Request], budgets: list[int], eos_ids: set[int]):
-        self.tokenizer, self.requests, self.budgets, self.eos_ids = tokenizer, requests, budgets, eos_ids
-        self.tokens: list[list[int]] = [[] for _ in requests]
-        self.text = [""] * len(requests)
-        self.sent = [0] * len(requests)  # characters of text already streamed
-        self.finish: list[str | None] = ["length" if b <= 0 else None for b in budgets]
+    def __init__(self, tokenizer, request: Request, budget: int, eos_ids: set[int]):
+        self.tokenizer, self.request, self.budget, self.eos_ids = tokenizer, request, budget, eos_ids
+        self.tokens: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of text already streamed
+        self.finish: str | None = "length" if budget <= 0 else "stop" if request.cancelled else None
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        for i, request in enumerate(self.requests):
-            if self.finish[i] is not None:
-                continue
-            token = int(input_ids[i, -1])
-            self.tokens[i].append(token)  # EOS too: it is a generated token (counted, scored), not text
-            if token in self.eos_ids:
-                self._end(i, "stop")
-                continue
-            self.text[i] = self.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
-            stop = min((p for p in (self.text[i].find(s) for s in request.sampling.stop if s) if p >= 0), default=-1)
-            if stop >= 0:
-                self.text[i] = self.text[i][:stop]
-                self._end(i, "stop")
-            elif request.cancelled:
-                self._end(i, "stop")
-            elif len(self.tokens[i]) >= self.budgets[i]:
-                self._end(i, "length")
-            else:
-                self._stream(i, final=False)
-        return torch.tensor([f is not None for f in self.finish], device=input_ids.device)
+    def add(self, token: int) -> None:
+        """The next generated token; it may end the answer (EOS, a stop string, the budget, a cancellation)."""
+        self.tokens.append(token)  # EOS too: it is a generated token (counted, scored), not text
+        if token in self.eos_ids:
+            return self._end("stop")
+        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        stop = min((p for p in (self.text.find(s) for s in self.request.sampling.stop if s) if p >= 0), default=-1)
+        if stop >= 0:
+            self.text = self.text[:stop]
+            self._end("stop")
+        elif self.request.cancelled:
+            self._end("stop")
+        elif len(self.tokens) >= self.budget:
+            self._end("length")
+        else:
+            self._stream(final=False)
 
-    def _end(self, i: int, reason: str) -> None:
-        self.finish[i] = reason
-        self._stream(i, final=True)
+    def _end(self, reason: str) -> None:
+        self.finish = reason
+        self._stream(final=True)
 
-    def _stream(self, i: int, final: bool) -> None:
+    def _stream(self, final: bool) -> None:
         """Send the text that is settled: not a half-decoded character, not the start of a possible stop string."""
-        text, end = self.text[i], len(self.text[i])
+        text, end = self.text, len(self.text)
         if not final:
             end -= 1 if text.endswith("\ufffd") else 0
-            for stop in self.requests[i].sampling.stop:
+            for stop in self.request.sampling.stop:
                 for k in range(min(len(stop) - 1, end), 0, -1):
                     if text[:end].endswith(stop[:k]):
                         end -= k
                         break
-        if end > self.sent[i] and self.requests[i].on_text:
-            self.requests[i].on_text(text[self.sent[i]: end])
-        self.sent[i] = max(self.sent[i], end)
+        if end > self.sent and self.request.on_text:
+            self.request.on_text(text[self.sent: end])
+        self.sent = max(self.sent, end)
 
-    def completions(self) -> list[Completion]:
-        for i, finish in enumerate(self.finish):
-            if finish is None:  # generate ran out of new tokens (no budget reached that row's check)
-                self._end(i, "length")
+    def completion(self) -> Completion:
+        if self.finish is None:  # generation ran out of new tokens before this answer's own check
+            self._end("length")
         # A stop string ends the text; drop the tokens past it (they were generated but are not the answer).
-        return [Completion(text, self._tokens_of(i, text), finish, len(r.prompt_ids))
-                for i, (r, text, finish) in enumerate(zip(self.requests, self.text, self.finish))]
-
-    def _tokens_of(self, i: int, text: str) -> list[int]:
-        tokens = self.tokens[i]
-        while tokens and len(self.tokenizer.decode(tokens, skip_special_tokens=True)) > len(text):
+        tokens = self.tokens
+        while tokens and len(self.tokenizer.decode(tokens, skip_special_tokens=True)) > len(self.text):
             tokens = tokens[:-1]
-        return tokens
+        return Completion(self.text, tokens, self.finish, len(self.request.prompt_ids))
+
+
+class Rows(StoppingCriteria):
+    """For `generate`: each row's Answer fed its new token at every step; generation stops when all have ended."""
+
+    def __init__(self, answers: list[Answer]):
+        self.answers = answers
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        for i, answer in enumerate(self.answers):
+            if answer.finish is None:
+                answer.add(int(input_ids[i, -1]))
+        return torch.tensor([a.finish is not None for a in self.answers], device=input_ids.device)
 
 
 def load(name_or_path: str, adapter: str | None = None, template: str = "auto", name: str | None = None) -> Engine:
@@ -303,37 +314,3 @@ def saved_template(path: str) -> str:
         logger.info("prompt template %s, as the model was trained (%s)", found[1]["prompt_template"], found[0])
         return found[1]["prompt_template"]
     return "alpaca"
-
-
-def answer_all(engine: Engine, prompts: list, sampling: Sampling, batch_size: int = 8):
-    """(prompt, answer) for prompts with `instruction` and `input` (data.prompts.Prompt), in batches, in order, with a
-    progress bar."""
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(prompts), desc="answering", unit="prompt") as bar:
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start:start + batch_size]
-            requests = [Request(engine.prompt_ids([Message("user", p.instruction, p.input)]), sampling) for p in batch]
-            for prompt, completion in zip(batch, engine.generate(requests)):
-                yield prompt, completion.text.strip()
-            bar.update(len(batch))
-
-
-def answer_file(engine: Engine, prompts: list, sampling: Sampling, batch_size: int, output: Path) -> list[tuple]:
-    """Answers as {instruction, input, output, generator} lines (what the judge reads), written whole or not at all;
-    returns the (prompt, answer) pairs written."""
-    answered = []
-    with atomic_file(output) as f:
-        for prompt, text in answer_all(engine, prompts, sampling, batch_size):
-            f.write(json.dumps({"instruction": prompt.instruction, "input": prompt.input, "output": text,
-                                "generator": engine.name}) + "\n")
-            answered.append((prompt, text))
-    logger.info("%d answers written to %s", len(prompts), output)
-    return answered
-
-
-def answer(engine: Engine, instruction: str, input: str = "", sampling: Sampling | None = None,
-           on_text: Callable[[str], None] | None = None) -> str:
-    """The answer to one instruction (greedy unless told), without the prompt and special tokens."""
-    request = Request(engine.prompt_ids([Message("user", instruction, input)]), sampling or Sampling(), on_text)
-    return engine.generate([request])[0].text.strip()

@@ -5,10 +5,12 @@ and a chat page at /.
   first, then content, then the finish reason; `stream_options.include_usage` adds a usage chunk), then `data: [DONE]`.
 - /v1/completions takes text or token-id prompts (one or a list: one choice each) with `echo` and `logprobs`, so that
   lm-eval's `local-completions` log-likelihood tasks run through it.
-- One thread owns the model. Requests wait in one first-come-first-served queue; whatever waits when the model
-  frees up (up to max_batch_size, gathered for batch_wait_ms) is generated together. A request that arrives while a
-  batch runs waits for it to end (static batching: simple, and on the CPU faster than transformers' continuous
-  batching; for heavy production traffic, vLLM serves the same folders).
+- One thread owns the model. Requests wait in one first-come-first-served queue and are batched continuously
+  (inference/continuous.py): a request's prompt is prefilled (in chunks, between the running rows' decoding steps)
+  and it joins the running rows at the next step; a row leaves when it ends. At most max_batch_size rows are in
+  flight. Models the scheduler cannot serve (sliding-window caches), and `--batching static`, get static batches:
+  whatever waits when the model frees up is generated together. For heavy production traffic on GPUs, vLLM serves
+  the same folders.
 - Every bad request gets a 4xx with OpenAI's error body ({"error": {message, type, param, code}}), and the server
   keeps serving: bodies are parsed here, not by FastAPI, so that malformed JSON is a 400 like any other mistake.
 - Chat messages may carry Alpaca's `input` beside `content` (an extension the page uses): a model trained with
@@ -44,6 +46,7 @@ from starlette.exceptions import HTTPException
 
 from instructune.data.formats import Message
 from instructune.errors import UserError
+from instructune.inference.continuous import Scheduler, unsupported_reason
 from instructune.inference.engine import Completion, Engine, Request, Sampling
 
 logger = logging.getLogger("instructune")
@@ -57,11 +60,12 @@ class Limits:
     max_tokens: int = 1024  # the most one request may ask for
     max_request_bytes: int = 1_000_000
     max_queue: int = 256  # requests waiting or running; beyond it a 429 asks the client to retry
-    batch_wait_ms: float = 20  # how long a request that finds the model idle waits for others to join its batch
+    batch_wait_ms: float = 20  # static batches: how long a request that finds the model idle waits for others to join
     api_key: str | None = None
     loopback_only: bool = True  # bound to loopback: answer only Host names of this machine (no DNS rebinding)
     max_stop: int = 4  # stop strings per request (OpenAI's limit)
     max_stop_length: int = 256  # characters per stop string
+    batching: str = "continuous"  # or static: a request that arrives waits for the running batch to end
 
 
 class APIError(Exception):
@@ -147,14 +151,23 @@ class Job:
 
 
 class Batcher:
-    """The one thread that runs the model: takes every job waiting (up to max_batch_size), in arrival order."""
+    """The one thread that runs the model. Continuous batching (inference/continuous.py) where the model allows it:
+    a request joins the running rows at the next step, up to max_batch_size rows in flight, the rest waiting in
+    arrival order. Otherwise static batches: every job waiting when the model frees up (up to max_batch_size) is
+    generated together."""
 
     def __init__(self, engine: Engine, limits: Limits):
         self.engine, self.limits = engine, limits
         self.waiting: queue.Queue[Job | None] = queue.Queue()
         self.in_hand: dict[int, Request] = {}  # submitted and not finished, by id()
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, name="instructune-model", daemon=True)
+        reason = unsupported_reason(engine) if limits.batching == "continuous" else "--batching static"
+        if reason:
+            logger.info("static batches of up to %d requests: %s", limits.max_batch_size, reason)
+        else:
+            logger.info("continuous batching: up to %d requests in flight", limits.max_batch_size)
+        self.thread = threading.Thread(target=self._run_static if reason else self._run_continuous,
+                                       name="instructune-model", daemon=True)
         self.thread.start()
 
     def submit(self, request: Request) -> Job:
@@ -179,25 +192,61 @@ class Batcher:
         self.waiting.put(None)
         self.thread.join(timeout)
 
-    def _run(self) -> None:
-        while (first := self.waiting.get()) is not None:
-            jobs = [first]
-            gather_until = time.monotonic() + self.limits.batch_wait_ms / 1000  # clients that arrive together go together
-            while len(jobs) < self.limits.max_batch_size:
-                try:
-                    job = self.waiting.get(timeout=max(0.0, gather_until - time.monotonic()))
-                except queue.Empty:
-                    break
-                if job is None:
-                    self.waiting.put(None)  # stop after this batch
-                    break
-                jobs.append(job)
+    def _gather(self, limit: int, idle: bool, wait_s: float = 0.0) -> tuple[list[Job], bool]:
+        """Up to `limit` waiting jobs in arrival order, and whether stop() was called. `idle`: nothing runs, so wait for
+        a first job, then `wait_s` for others to join it; else take only the jobs already there."""
+        jobs, deadline = [], None
+        while len(jobs) < limit:
+            try:
+                if idle and not jobs:
+                    job = self.waiting.get()
+                elif idle and wait_s:
+                    job = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
+                else:
+                    job = self.waiting.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+            deadline = deadline or time.monotonic() + wait_s
+        return jobs, False
+
+    def _release(self, jobs: list[Job]) -> None:
+        with self.lock:
+            for job in jobs:
+                del self.in_hand[id(job.request)]
+
+    def _run_continuous(self) -> None:
+        scheduler = Scheduler(self.engine, self.limits.max_batch_size)
+        jobs: dict[int, Job] = {}  # in the scheduler, by id() of their request
+        stopping = False
+        while not stopping or scheduler.busy:
+            arrived, stopped = self._gather(self.limits.max_queue, idle=not scheduler.busy and not stopping)
+            stopping |= stopped
+            for job in arrived:
+                jobs[id(job.request)] = job
+                scheduler.add(job.request)  # its prompt was checked when it was submitted
+            try:
+                ended = scheduler.step()
+            except Exception as e:  # not the model's failure (the scheduler answers those per request): a bug
+                logger.exception("the scheduler failed; failing the %d requests it held", len(jobs))
+                ended = [(job.request, e) for job in jobs.values()]
+                scheduler = Scheduler(self.engine, self.limits.max_batch_size)
+            for request, outcome in ended:
+                job = jobs.pop(id(request))
+                job.put(outcome)
+                self._release([job])
+
+    def _run_static(self) -> None:
+        stopping = False
+        while not stopping:
+            # clients that arrive together go together: a later one would wait for the whole batch
+            jobs, stopping = self._gather(self.limits.max_batch_size, idle=True, wait_s=self.limits.batch_wait_ms / 1000)
             live = [job for job in jobs if not job.request.cancelled]
             for job, outcome in zip(live, self._generate(live)):
                 job.put(outcome)
-            with self.lock:
-                for job in jobs:
-                    del self.in_hand[id(job.request)]
+            self._release(jobs)
 
     def _generate(self, jobs: list[Job]) -> list:
         """A Completion or an exception per job: a failing batch is generated again a row at a time, so that only the
