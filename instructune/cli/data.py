@@ -1,12 +1,14 @@
-"""`instructune data inspect` (formats, sources, duplicates, token lengths) and `instructune data filter` (keep the
-records a rater model scores highly, as AlpaGasus did; `instructune judge` is the pairwise evaluation)."""
+"""`instructune data inspect` (formats, sources, duplicates, token lengths), `instructune data filter` (keep the
+records a rater model scores highly, as AlpaGasus did; `instructune judge` is the pairwise evaluation) and
+`instructune data generate` (Self-Instruct, as Alpaca made its 52K)."""
 
 import argparse
+import json
 from pathlib import Path
 
 from instructune.cli import add_client_flags, client_from_flags
 
-HELP = "inspect instruction data, or filter it with a rater model (AlpaGasus)"
+HELP = "inspect instruction data, filter it with a rater model (AlpaGasus), or generate it (Self-Instruct)"
 
 
 def main(argv: list[str]) -> int:
@@ -43,9 +45,33 @@ def main(argv: list[str]) -> int:
     rater.add_argument("--cache", type=Path, help="scores already paid for (default: OUTPUT.cache.jsonl); a run "
                        "that was interrupted continues from it")
     rater.add_argument("--seed", type=int, default=42, help="the sampling seed of PATH:COUNT entries")
+    generator = commands.add_parser("generate", help="Self-Instruct: new tasks from a model shown 3 human seed tasks "
+                                    "at a time, filtered as Alpaca filtered them (ROUGE-L above 0.7: too similar)")
+    generator.add_argument("--seed_tasks", type=Path, required=True, help="Self-Instruct's seed tasks (JSON Lines of "
+                           "{instruction, instances: [{input, output}]}), e.g. ../shared/data/seed_tasks.jsonl")
+    generator.add_argument("--num_instructions", type=int, required=True, help="tasks to keep")
+    generator.add_argument("--output", type=Path, required=True, help="the kept tasks (Alpaca JSON, with each one's "
+                           "most similar earlier instruction and its ROUGE-L); beside it .summary.json")
+    generator.add_argument("--endpoint", required=True, help="the API base, e.g. https://api.openai.com/v1 or "
+                           "http://127.0.0.1:8000/v1 (instructune serve)")
+    generator.add_argument("--model", required=True, help="the model the endpoint serves")
+    generator.add_argument("--api", default="completions", choices=("completions", "chat"),
+                           help="completions (as Alpaca: the model continues the numbered list) or chat-completions")
+    generator.add_argument("--prompt_file", type=Path, help="your own prompt template (the seed tasks are appended "
+                           "to it, numbered); default: Alpaca's requirements, in this tool's words")
+    generator.add_argument("--max_tokens", type=int, default=3072, help="new tokens per request (Alpaca: 3072)")
+    generator.add_argument("--temperature", type=float, default=1.0, help="Alpaca: 1.0")
+    generator.add_argument("--max_requests", type=int, help="stop after this many requests even if fewer tasks were "
+                           "kept (default: 10 + the number of instructions)")
+    generator.add_argument("--seed", type=int, default=42, help="draws the seed tasks of each request")
+    add_client_flags(generator, "generation requests", timeout=600.0)
+    generator.add_argument("--cache", type=Path, help="replies already paid for (default: OUTPUT.cache.jsonl); the "
+                           "same command again continues from it without asking again")
     args = parser.parse_args(argv)
     if args.command == "filter":
         return run_filter(args)
+    if args.command == "generate":
+        return run_generate(args)
 
     tokenizer = load_tokenizer(resolve_model_path(args.tokenizer))
     add_missing_special_tokens(tokenizer, args.pad_token)
@@ -85,4 +111,65 @@ def run_filter(args) -> int:
     if summary["failed"]:
         reasons = ", ".join(f"{n} {reason}" for reason, n in summary["failures"].items())
         print(f"failed, neither kept nor cached ({reasons}): run the same command again to retry only those")
+    return 0
+
+
+def run_generate(args) -> int:
+    from tqdm.auto import tqdm
+
+    from instructune.cli import check_ranges
+    from instructune.data.self_instruct import PROMPT, Reply, generate, read_seeds
+    from instructune.errors import UserError
+    from instructune.files import atomic_file, refuse_output_over_inputs
+    from instructune.inference.client import reply_text
+
+    check_ranges([("--num_instructions", args.num_instructions, 1, 10**8), ("--max_tokens", args.max_tokens, 1, 10**6),
+                  ("--max_requests", 1 if args.max_requests is None else args.max_requests, 1, 10**9)])
+    cache = args.cache or args.output.with_suffix(".cache.jsonl")
+    summary_path = args.output.with_suffix(".summary.json")
+    for output in (args.output, summary_path, cache):
+        refuse_output_over_inputs(output, {"seed tasks": [str(args.seed_tasks)]}, "--output")
+    seeds = read_seeds(args.seed_tasks)
+    template = args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else PROMPT
+
+    def reply_of(payload: dict) -> str:
+        choice = payload["choices"][0]
+        return Reply(reply_text(payload), choice.get("finish_reason"),
+                     int((payload.get("usage") or {}).get("total_tokens") or 0)).dumps()
+
+    client = client_from_flags(args, args.endpoint, args.model, cache, completions=args.api == "completions",
+                               reply_of=reply_of, params={"temperature": args.temperature, "top_p": 1.0,
+                                                          "max_tokens": args.max_tokens})
+    max_requests = args.max_requests if args.max_requests is not None else 10 + args.num_instructions
+
+    def complete(prompts: list[str]) -> list:
+        replies = client.complete_all([[{"role": "user", "content": p}] for p in prompts], desc="requests")
+        return [Reply.loads(r) if isinstance(r, str) else r for r in replies]
+
+    with tqdm(total=args.num_instructions, desc="kept", unit="task") as bar:
+        def progress(kept: int, asked: int) -> None:
+            bar.update(kept - bar.n)
+            bar.set_postfix(asked=asked)
+
+        result = generate(seeds, complete, args.num_instructions, template, args.seed, args.concurrency, max_requests,
+                          progress)
+    if result.counts["requests"] == result.counts["failed requests"]:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in result.failures.items())
+        raise UserError(f"{args.endpoint}: every one of the {result.counts['requests']} requests failed ({reasons}); "
+                        f"nothing written to {args.output}")
+    with atomic_file(args.output) as f:
+        json.dump(result.records, f, indent=2, ensure_ascii=False)
+    summary = {"kept": len(result.records), "asked": args.num_instructions, "tokens_used": result.tokens_used,
+               **{k: v for k, v in result.counts.items() if k != "kept"}}
+    with atomic_file(summary_path) as f:
+        json.dump(summary, f, indent=2)
+    dropped = ", ".join(f"{n} {reason}" for reason, n in result.counts.items()
+                        if reason not in ("requests", "kept", "failed requests", "replies with no task") and n)
+    print(f"{args.output}: kept {len(result.records)} of {args.num_instructions} tasks asked for, from "
+          f"{result.counts['requests']} requests ({result.counts['failed requests']} failed, "
+          f"{result.counts['replies with no task']} with no task; dropped: {dropped or 'none'}; "
+          f"{result.tokens_used:,} tokens)")
+    if len(result.records) < args.num_instructions:
+        print(f"stopped at --max_requests {max_requests}: run again with a larger one to continue (the replies so far "
+              "are cached)")
     return 0

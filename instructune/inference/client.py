@@ -2,7 +2,8 @@
 limit, retries with exponential backoff on 429, 5xx, timeouts, dropped connections and replies cut short
 (Retry-After honoured up to MAX_RETRY_AFTER), a deadline per request (not per socket read), and a resumable
 on-disk cache so an interrupted run continues without paying twice.
-Used by the data filter and the pairwise judge.
+Used by the data filter, the pairwise judge and Self-Instruct generation (which also speaks to completions
+endpoints).
 
 Only the standard library: a thread pool of http.client requests is plenty for a rate-limited remote API.
 """
@@ -20,6 +21,7 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -69,10 +71,15 @@ class ChatClient:
     backoff: float = 1.0  # seconds before the first retry; doubled each time
     cache: Path | None = None  # a JSON Lines file of {key, reply}, appended as replies arrive
     params: dict = field(default_factory=lambda: {"temperature": 0.0, "max_tokens": 256})
+    completions: bool = False  # a completions endpoint: the one user message's text is sent as the prompt
+    reply_of: Callable[[dict], str] | None = None  # what to keep of a reply (cached as is); default: its text
 
     def __post_init__(self):
         base = self.url.rstrip("/")
-        self.endpoint = base if base.endswith("/chat/completions") else base + "/chat/completions"
+        path = "/completions" if self.completions else "/chat/completions"
+        if self.completions and base.endswith("/chat/completions"):
+            base = base.removesuffix("/chat/completions")
+        self.endpoint = base if base.endswith(path) else base + path
         self._lock = threading.Lock()
         self._capped_once = False
 
@@ -118,12 +125,13 @@ class ChatClient:
         return results
 
     def complete(self, messages: list[dict]) -> str | Failure:
-        body = json.dumps({"model": self.model, "messages": messages, **self.params}).encode()
+        asked = {"prompt": messages[-1]["content"]} if self.completions else {"messages": messages}
+        body = json.dumps({"model": self.model, **asked, **self.params}).encode()
         reason = "no attempt"
         for attempt in range(self.retries + 1):
             wait = self.backoff * 2**attempt
             try:
-                return _reply_text(json.loads(self._post(body)))
+                return (self.reply_of or reply_text)(json.loads(self._post(body)))
             except HTTPStatus as e:
                 reason = str(e)
                 if e.status not in RETRIED_STATUS:
@@ -186,8 +194,10 @@ class ChatClient:
             os.fsync(f.fileno())
 
 
-def _reply_text(payload: dict) -> str:
-    content = payload["choices"][0]["message"]["content"]
+def reply_text(payload: dict) -> str:
+    """The text of a chat-completions or completions reply."""
+    choice = payload["choices"][0]
+    content = choice["message"]["content"] if "message" in choice else choice["text"]
     if not isinstance(content, str):
         raise TypeError("content is not text")
     return content
