@@ -15,7 +15,8 @@ all 9,229 records: the reference loop, our cold (cache miss) and warm (cache hit
     .venv/bin/python bench/throughput.py --examples 64 --pipelines reference padding_free
     On a GPU machine the same command trains in bf16 (flash attention if importable, else sdpa).
 
-Last line, machine-readable: useful_tokens_per_s_ratio (padding-free over reference), padding_ours,
+Last line, machine-readable: useful_tokens_per_s_ratio (padding-free over reference), packing_ratio (packed rows,
+--batch_size rows a step, over reference), padding_ours,
 padding_ref, tokenize_cold_ratio (reference time over our cold time), tokenize_warm_s, mfu (padding-free).
 """
 
@@ -83,8 +84,9 @@ def alpaca_collate(tokenizer):
 
 
 def train_speed(name: str, model_path: str, tokenizer, dataset, collator, batch_size: int, fused: bool,
-                loss_func, flat: bool) -> dict:
+                loss_func, flat: bool, bf16: bool) -> dict:
     gpu = torch.cuda.is_available()
+    bf16 = bf16 or gpu
     attention = "sdpa"
     if gpu:
         import importlib.util
@@ -96,18 +98,18 @@ def train_speed(name: str, model_path: str, tokenizer, dataset, collator, batch_
         args = transformers.TrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=batch_size, num_train_epochs=1, learning_rate=2e-5,
             optim="adamw_torch_fused" if fused else "adamw_torch", lr_scheduler_type="constant", logging_steps=1,
-            save_strategy="no", report_to=[], use_cpu=not gpu, bf16=gpu, seed=42, disable_tqdm=True,
+            save_strategy="no", report_to=[], use_cpu=not gpu, bf16=bf16, seed=42, disable_tqdm=True,
             remove_unused_columns=False)
         trainer = InstructTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                   processing_class=tokenizer, compute_loss_func=loss_func,
-                                  speed=SpeedMeter(model, args.device), flat_batches=flat)
+                                  speed=SpeedMeter(model, args.device, bf16=bf16), flat_batches=flat)
         trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # a line per step: the summary suffices
         started = time.perf_counter()
         trainer.train()
         trainer.speed.take_window()
         speed = trainer.speed.summary()
     speed.update(name=name, steps=trainer.state.global_step, wall_s=time.perf_counter() - started,
-                 attention=attention, dtype="bf16" if gpu else "fp32")
+                 attention=attention, dtype="bf16" if bf16 else "fp32")
     print(f"  {name}: {speed['steps']} steps, {speed['target_tokens_per_second']:.0f} target tokens/s, "
           f"{speed['tokens_per_second']:.0f} tokens/s, padding {speed['padding_fraction']:.1%}, "
           f"MFU {speed.get('mfu', float('nan')):.1%}", flush=True)
@@ -121,6 +123,8 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--pipelines", nargs="+", default=PIPELINES, choices=PIPELINES)
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--bf16", action="store_true", help="on the CPU, train in bf16 autocast (fast on CPUs with AMX "
+                        "or AVX-512-BF16; a GPU always trains in bf16); MFU is then against the measured bf16 peak")
     options = parser.parse_args()
     if not DATA.exists():
         sys.exit(f"skipped: {DATA} is absent (the shared data folder is not beside the repo)")
@@ -161,23 +165,22 @@ def main() -> None:
     assert abs(reference_tokens - our_tokens) < 0.01 * reference_tokens, (reference_tokens, our_tokens)
 
     print(f"training 1 epoch on {len(usable)} examples, batch {options.batch_size}, AdamW, "
-          f"{'bf16 on ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'fp32 on the CPU'}")
+          f"{'bf16 on ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ('bf16' if options.bf16 else 'fp32') + ' on the CPU'}")
     results = {}
     for name in options.pipelines:
         if name == "reference":  # Alpaca: padded batches, every position's logits, AdamW stepped tensor by tensor
             results[name] = train_speed(name, model_path, tokenizer, reference_examples, alpaca_collate(tokenizer),
-                                        options.batch_size, False, None, False)
+                                        options.batch_size, False, None, False, options.bf16)
             continue
         target_only, flat = name != "padding_free_all_logits", name != "padded"
         collator = Collator(tokenizer, flatten=flat, target_logits_only=target_only)
         dataset, batch = copy.copy(ours), options.batch_size
-        if name == "packing":  # rows of max_length tokens; one row per step holds about as many examples as a batch
+        if name == "packing":  # rows of max_length tokens, --batch_size rows a step (as train.py --packing)
             groups, fill = pack([len(e["input_ids"]) for e in ours], options.max_length)
             dataset = [[ours[i] for i in group] for group in groups]
-            batch = 1
             print(f"  packing: {len(ours)} examples into {len(dataset)} rows, {fill:.1%} full")
         results[name] = train_speed(name, model_path, tokenizer, dataset, collator, batch, name != "padding_free_foreach_adamw",
-                                    target_token_loss if target_only else None, flat)
+                                    target_token_loss if target_only else None, flat, options.bf16)
 
     reference = results.get("reference")
     best = results.get("padding_free")
@@ -190,7 +193,10 @@ def main() -> None:
         Path(options.json).write_text(json.dumps({"tokenize": {"reference_s": reference_s, "cold_s": cold_s,
                                                                 "warm_s": warm_s}, "train": results}, indent=1))
     if reference and best:
+        packing = results.get("packing")
+        packing_ratio = packing["target_tokens_per_second"] / reference["target_tokens_per_second"] if packing else 0.0
         print(f"useful_tokens_per_s_ratio={best['target_tokens_per_second'] / reference['target_tokens_per_second']:.2f} "
+              f"packing_ratio={packing_ratio:.2f} "
               f"padding_ours={best['padding_fraction']:.3f} padding_ref={reference['padding_fraction']:.3f} "
               f"tokenize_cold_ratio={reference_s / cold_s:.2f} tokenize_warm_s={warm_s:.2f} mfu={best.get('mfu', 0):.3f}")
 

@@ -114,6 +114,46 @@ def test_packed_row_logits_equal_examples_run_alone(model_fixture, request):
                 start += n
 
 
+@pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_opt"])
+def test_packed_rows_stay_rows_each_example_as_alone_and_the_gradients_of_padded_batches(model_fixture, request):
+    """A step of several packed rows is [rows, longest row], not one flattened row; every example's logits are its own
+    alone, and the loss and gradients are those of the same examples in a padded batch."""
+    model_path = request.getfixturevalue(model_fixture)
+    tokenizer, examples = tokenizer_and_examples(model_path, max_length=256)
+    model = load(without_dropout(model_path, request.getfixturevalue("tmp_path") / "model"), tokenizer)
+    groups, _ = pack([len(e["input_ids"]) for e in examples], 256)
+    rows = [[examples[i] for i in group] for group in groups[:3]]
+    collator = Collator(tokenizer, flatten=True, target_logits_only=True)
+    needs_mask = mask_needed_to_keep_examples_apart(model, collator, "cpu")
+    batch = collator(rows)
+    longest = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+    assert batch["input_ids"].shape == (3, longest) and "attention_mask" not in batch
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "logits_to_keep")}
+    if needs_mask:
+        inputs["attention_mask"] = causal_mask_from_positions(model, inputs["position_ids"])
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        for r, row in enumerate(rows):
+            start = 0
+            for example in row:
+                n = len(example["input_ids"])
+                alone = model(input_ids=torch.tensor([example["input_ids"]])).logits[0]
+                torch.testing.assert_close(logits[r, start:start + n], alone, rtol=0, atol=1e-5)
+                start += n
+    flat = [e for row in rows for e in row]  # the same examples, padded: the targets' loss and gradients
+    padded = Collator(tokenizer)(flat)
+    model.zero_grad()
+    expected_loss = model(**padded).loss
+    expected_loss.backward()
+    expected = {n: q.grad.clone() for n, q in model.named_parameters()}
+    model.zero_grad()
+    loss = target_token_loss(model(**inputs, logits_to_keep=batch["logits_to_keep"]), batch["labels"])
+    loss.backward()
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-5, atol=1e-6)
+
+
 def perturbation_moves(model, batch_of, first, second) -> float:
     """How far the second example's logits move when the first example's tokens change."""
     changed = {**first, "input_ids": [(t + 7) % 500 + 3 for t in first["input_ids"]]}

@@ -104,6 +104,7 @@ def test_parse_and_filters_keep_exactly_the_expected_tasks():
     kept = [r["instruction"] for r in result.records]
     assert kept == [instructions[0], instructions[2]]  # the near-duplicate is too similar (ROUGE-L above 0.7)
     assert result.counts["too similar (ROUGE-L above 0.7)"] == 1 and result.tokens_used == 100
+    assert result.counts["tasks parsed"] == 7  # the numbered tasks of the reply, before the filters
     assert result.records[1]["similarity"] <= THRESHOLD and result.records[1]["most_similar_instruction"]
 
 

@@ -40,6 +40,10 @@ def test_padded_and_flattened_batches_count_the_same_work(tiny_llama):
     assert counted[True] == {"positions": sum(lengths), "tokens": sum(lengths), "targets": targets,
                              "attention_units": sum(n * n for n in lengths)}
     assert counted[False] == counted[True] | {"positions": max(lengths) * len(lengths)}  # the pads, and only they, differ
+    meter.window.zero_()
+    meter.count(Collator(tokenizer, flatten=True)([examples[:2], examples[2:3], examples[3:]]))  # packed rows
+    rows = [sum(lengths[:2]), lengths[2], sum(lengths[3:])]
+    assert dict(zip(meter.FIELDS, meter.window.tolist())) == counted[True] | {"positions": max(rows) * 3}
 
 
 def test_mfu_counts_the_lm_head_and_attention(tiny_llama, tiny_opt):
@@ -55,6 +59,29 @@ def test_mfu_counts_the_lm_head_and_attention(tiny_llama, tiny_opt):
     flops = 6 * matmul_parameters(model) * 100 + 12 * layers * width * 5000
     assert figures == pytest.approx({"tokens_per_second": 50, "target_tokens_per_second": 20, "padding_fraction": 0.5,
                                      "mfu": flops / 2.0 / 1e9})
+
+
+def test_mfu_is_against_the_peak_of_the_precision_the_run_computes_in(tiny_llama, tmp_path, monkeypatch):
+    """A bf16 run on a CPU is measured against the CPU's bf16 matmul rate (several times fp32's with AMX), each
+    measured once per CPU model, thread count and dtype, and cached."""
+    from instructune.training import speed
+
+    monkeypatch.setenv("INSTRUCTUNE_CACHE", str(tmp_path))
+    measured = []
+    real = speed.measure_matmul_flops
+
+    def measure(size=1024, seconds=0.5, dtype=torch.float32):
+        measured.append(dtype)
+        return real(size=128, seconds=0.05, dtype=dtype)
+
+    monkeypatch.setattr(speed, "measure_matmul_flops", measure)
+    model = models.load_model(str(tiny_llama))
+    fp32, bf16 = SpeedMeter(model, torch.device("cpu")), SpeedMeter(model, torch.device("cpu"), bf16=True)
+    assert "fp32 matmul" in fp32.peak_source and "bf16 matmul" in bf16.peak_source
+    assert measured == [torch.float32, torch.bfloat16] and fp32.peak > 0 and bf16.peak > 0
+    SpeedMeter(model, torch.device("cpu"), bf16=True)
+    assert len(measured) == 2  # cached: not measured again
+    assert len(json.loads((tmp_path / "cpu_peak_flops.json").read_text())) == 2
 
 
 @pytest.mark.slow  # trains (the fast tier trains nothing)

@@ -7,7 +7,11 @@
   flash attention reads the same boundaries from them). The first label of every example is
   masked: nothing before it belongs to its example.
 - packed (`--packing`): examples binned best-fit-decreasing into rows of up to model_max_length
-  tokens (never split); a batch of rows is flattened the same way, so a step has fewer pads and more examples.
+  tokens (never split). The rows of a step stay rows ([rows, longest row]), each flattened the same way with
+  its positions restarting at each example, and padded at its end with tokens at position 0, each a block of
+  one that attends only to itself and is no label (an example has at least 2 tokens, so the speed meter tells
+  them apart): attention costs rows × length², not (rows × length)² as one flattened row of them would. With
+  flash attention, whose varlen kernel costs only Σn² anyway, the rows are flattened.
 
 A 2-D attention mask, even all ones, would switch transformers' packed detection off and let sdpa
 attend across examples, so flattened batches never carry one; nor do they let the model build a
@@ -43,16 +47,38 @@ class Collator:
     def __call__(self, items: list) -> dict:
         # An item is one example or a packed row (a list of them); an example is a cache row (ids and target spans)
         # or already has its labels.
-        flat = [e for item in items for e in (item if isinstance(item, list) else [item])]
-        examples = [e if "labels" in e else example(e) for e in flat]
-        if self.flatten:
-            batch = self.flat([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
-            batch["use_cache"] = False
+        if self.flatten and not self.flash_attention and any(isinstance(item, list) for item in items):
+            batch = self._rows([item if isinstance(item, list) else [item] for item in items])
+        elif self.flatten:
+            batch = self._flattened([e for item in items for e in (item if isinstance(item, list) else [item])])
         else:
-            batch = self.padded(examples)
+            batch = self.padded([_labelled(e) for e in items])
         if self.target_logits_only:
             batch["logits_to_keep"] = next_token_is_target(batch["labels"])
         return batch
+
+    def _flattened(self, examples: list[dict]) -> dict:
+        batch = self.flat([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in map(_labelled, examples)])
+        batch["use_cache"] = False
+        return batch
+
+    def _rows(self, rows: list[list[dict]]) -> dict:
+        """Each packed row flattened on its own, then all padded to the longest: the padding (position 0 each: blocks
+        of one) is no label and no context of any example."""
+        flattened = [self._flattened(row) for row in rows]
+        width = max(f["input_ids"].shape[1] for f in flattened)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+        def stacked(name: str, fill) -> torch.Tensor:
+            return torch.cat([torch.cat([f[name], fill(width - f[name].shape[1]).view(1, -1)], dim=1) for f in flattened])
+
+        return {"input_ids": stacked("input_ids", lambda n: torch.full((n,), pad)),
+                "labels": stacked("labels", lambda n: torch.full((n,), IGNORE_INDEX)),
+                "position_ids": stacked("position_ids", lambda n: torch.zeros(n, dtype=torch.long)), "use_cache": False}
+
+
+def _labelled(item: dict) -> dict:
+    return item if "labels" in item else example(item)
 
 
 def next_token_is_target(labels: torch.Tensor) -> torch.Tensor:

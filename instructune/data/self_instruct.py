@@ -236,6 +236,7 @@ def generate(seeds: list[Task], complete, wanted: int, template: str = PROMPT, s
                 continue
             tokens_used += reply.tokens
             tasks, dropped = parse(reply.text, reply.finish_reason == "length")
+            counts["tasks parsed"] += len(tasks) + sum(dropped.values()) - dropped["not in the numbered form"]
             counts.update(dropped)
             counts["replies with no task"] += not tasks
             for task in tasks:

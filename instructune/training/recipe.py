@@ -156,7 +156,7 @@ def train(
         processing_class=tokenizer,
         callbacks=callbacks,
         compute_loss_func=target_token_loss if target_logits else None,
-        speed=SpeedMeter(model, training_args.device, training_args.world_size),
+        speed=SpeedMeter(model, training_args.device, training_args.world_size, training_args.bf16),
         flat_batches=collator.flatten,
         guard=step_guard,
     )

@@ -51,36 +51,39 @@ def attention_width(config) -> tuple[int, int]:
     return config.num_hidden_layers, config.num_attention_heads * head_dim(config)
 
 
-def device_peak_flops(device: torch.device) -> tuple[float | None, str]:
-    """(peak FLOP/s of one device, where the figure comes from)."""
+def device_peak_flops(device: torch.device, bf16: bool = False) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device in the precision the run computes in, where the figure comes from)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peak in GPU_PEAK_BF16.items():  # longer names first where they share a prefix
             if key in name:
                 return peak, f"{name}: datasheet dense bf16"
         return None, f"{name}: no datasheet figure known, MFU not reported"
-    return cpu_peak_flops(), f"CPU: measured fp32 matmul, {torch.get_num_threads()} threads"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return cpu_peak_flops(dtype), f"CPU: measured {_name(dtype)} matmul, {torch.get_num_threads()} threads"
 
 
-def cpu_peak_flops() -> float:
+def cpu_peak_flops(dtype: torch.dtype = torch.float32) -> float:
+    """The CPU's measured matmul rate in `dtype`, cached per CPU model, thread count and dtype: with AMX, bf16's is
+    several times fp32's, and a bf16 run measured against the fp32 peak would report an MFU it does not have."""
     from instructune.files import atomic_file, cache_root
 
-    key = f"{_cpu_model()}|threads={torch.get_num_threads()}"
+    key = f"{_cpu_model()}|threads={torch.get_num_threads()}" + ("" if dtype == torch.float32 else f"|{_name(dtype)}")
     path = cache_root() / "cpu_peak_flops.json"
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
     if key not in known:
-        known[key] = measure_matmul_flops()
+        known[key] = measure_matmul_flops(dtype=dtype)
         with atomic_file(path) as f:
             f.write(json.dumps(known, indent=1))
     return known[key]
 
 
-def measure_matmul_flops(size: int = 1024, seconds: float = 0.5) -> float:
-    """The best fp32 matmul rate of this process (FLOP/s) over a short burst."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def measure_matmul_flops(size: int = 1024, seconds: float = 0.5, dtype: torch.dtype = torch.float32) -> float:
+    """The best matmul rate of this process in `dtype` (FLOP/s) over a short burst."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # first call: thread pool start-up
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
@@ -88,6 +91,10 @@ def measure_matmul_flops(size: int = 1024, seconds: float = 0.5) -> float:
         a @ b
         best = max(best, 2 * size**3 / (time.perf_counter() - start))
     return best
+
+
+def _name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
 
 
 def _cpu_model() -> str:
@@ -107,11 +114,11 @@ class SpeedMeter(TrainerCallback):
 
     FIELDS = ("positions", "tokens", "targets", "attention_units")  # attention_units: Σ n² over examples
 
-    def __init__(self, model, device: torch.device, world_size: int = 1):
+    def __init__(self, model, device: torch.device, world_size: int = 1, bf16: bool = False):
         layers, width = attention_width(model.config)
         self.flops_per_token = 6 * matmul_parameters(model)
         self.flops_per_attention_unit = 12 * layers * width
-        self.peak, self.peak_source = device_peak_flops(device)
+        self.peak, self.peak_source = device_peak_flops(device, bf16)
         self.world_size = world_size
         self.window = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
         self.total = dict.fromkeys(self.FIELDS, 0.0) | {"seconds": 0.0}
@@ -132,6 +139,7 @@ class SpeedMeter(TrainerCallback):
             starts = torch.nonzero(batch["position_ids"].reshape(-1) == 0).reshape(-1)
             ends = torch.cat([starts[1:], starts.new_tensor([labels.numel()])])
             lengths = ends - starts
+            lengths = lengths[lengths > 1]  # packed rows' padding: blocks of one token (batching.py)
         counts = torch.stack([
             torch.tensor(labels.numel(), device=lengths.device), lengths.sum(),
             (labels[:, 1:] != -100).sum(), (lengths.double() ** 2).sum(),

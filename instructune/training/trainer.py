@@ -168,7 +168,7 @@ def mask_needed_to_keep_examples_apart(model, collator, device) -> bool:
     changed = {**first, "input_ids": [16, 17, 18, 19, 20, 21]}
 
     def second_logits(pair, with_mask: bool) -> torch.Tensor:
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator(pair).items()}
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator([pair]).items()}  # a packed row
         batch.pop("labels")
         batch.pop("logits_to_keep", None)  # all positions: the second example's are the last five
         if with_mask:
