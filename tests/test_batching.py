@@ -274,7 +274,8 @@ def test_packing_trains_with_fewer_fuller_steps(tiny_llama, tmp_path):
     summary = json.loads((output_dir / "train_results.json").read_text())
     data = summary["data"]
     assert 0 < data["packed_rows"] < data["kept"] / 2 and data["packed_fill"] > 0.8
-    assert summary["speed"]["padding_fraction"] == 0.0
+    # the rows of a step stay rows, padded to the longest: little padding, counted as such (not as tokens)
+    assert 0.0 < summary["speed"]["padding_fraction"] < 1 - data["packed_fill"] + 0.1
     losses = [e["loss"] for e in summary["losses"]]
     assert losses[-1] < losses[0]
 
