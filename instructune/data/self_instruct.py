@@ -104,8 +104,8 @@ def parse(reply: str, cut: bool) -> tuple[list[Task], Counter]:
             if piece.strip():
                 dropped["not in the numbered form"] += 1
             continue
-        task = Task(parts[2].strip(), parts[4].strip(), parts[6].strip())
-        task = Task(task.instruction, "" if task.input.lower() == "<noinput>" else task.input, task.output)
+        given = parts[4].strip()
+        task = Task(parts[2].strip(), "" if given.lower() == "<noinput>" else given, parts[6].strip())
         reason = rejected(task.instruction)
         if reason:
             dropped[reason] += 1
@@ -154,9 +154,6 @@ class NoveltyFilter:
         self.postings: dict[str, list] = {}  # token → [ids array, counts array, used]
         for text in instructions:
             self.add(text, rouge_tokens(text))
-
-    def __len__(self) -> int:
-        return len(self.texts)
 
     def add(self, text: str, tokens: list[str]) -> None:
         number = len(self.texts)

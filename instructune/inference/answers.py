@@ -24,7 +24,8 @@ def generate_all(engine: Engine, requests: list[Request], max_rows: int,
         completions = []
         for start in range(0, len(requests), max_rows):
             completions += engine.generate(requests[start:start + max_rows])
-            on_done and on_done(len(completions) - start)
+            if on_done:
+                on_done(len(completions) - start)
         return completions
     scheduler = Scheduler(engine, max_rows)
     for request in requests:

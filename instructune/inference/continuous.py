@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from instructune.inference.engine import Answer, Completion, Engine, Request, Sampler
+from instructune.inference.engine import Completion, Engine, Request, Sampler
 
 logger = logging.getLogger("instructune")
 
@@ -48,8 +48,7 @@ class Row:
 
     def __init__(self, engine: Engine, request: Request):
         self.request = request
-        budget = min(request.sampling.max_new_tokens, engine.context_length - len(request.prompt_ids))
-        self.answer = Answer(engine.tokenizer, request, budget, engine.eos_ids)
+        self.answer = engine.answer_for(request)
         self.sampler = Sampler(request.sampling)
         self.failure: Exception | None = None  # its draw failed: it ends with this error
 
@@ -87,7 +86,6 @@ class Scheduler:
         self.running: Flight | None = None
         self.prefill: dict | None = None  # the newcomers being prefilled: rows, ids, mask, positions, cache, done
         self.solo: set[int] = set()  # requests (by id) to prefill alone: their group failed
-        self.pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else min(engine.eos_ids)
         parameters = inspect.signature(engine.model.forward).parameters
         self.keeps_logits = "logits_to_keep" in parameters
         # transformers renamed past_key_values to cache (the old name warns until 5.40 and then goes)
@@ -136,12 +134,7 @@ class Scheduler:
                 break
         if not rows:
             return
-        width = max(len(row.request.prompt_ids) for row in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):  # left padding: every prompt ends in the last column
-            ids[i, width - len(row.request.prompt_ids):] = torch.tensor(row.request.prompt_ids)
-            mask[i, width - len(row.request.prompt_ids):] = 1
+        ids, mask = self.engine.left_padded([row.request for row in rows])
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         device = self.engine.model.device
         self.prefill = {"rows": rows, "ids": ids.to(device), "mask": mask.to(device), "positions": positions.to(device),
@@ -204,7 +197,7 @@ class Scheduler:
                 token = greedy[i] if row.request.sampling.greedy else row.sampler.draw(logits[i])
                 row.answer.add(token)
             except Exception as e:
-                row.failure, token = e, self.pad
+                row.failure, token = e, self.engine.pad_id
             chosen.append(token)
         return torch.tensor(chosen, device=logits.device)
 

@@ -80,6 +80,26 @@ class Engine:
         ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
         return ids | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
 
+    @property
+    def pad_id(self) -> int:
+        """What fills the left of shorter prompts (masked out): the pad token, else an EOS."""
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+
+    def answer_for(self, request: Request) -> "Answer":
+        """The request's answer to come, its budget capped by the context the prompt leaves."""
+        budget = min(request.sampling.max_new_tokens, self.context_length - len(request.prompt_ids))
+        return Answer(self.tokenizer, request, budget, self.eos_ids)
+
+    def left_padded(self, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids, attention mask) of the prompts padded on the left: every prompt ends in the last column."""
+        width = max(len(r.prompt_ids) for r in requests)
+        input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, request in enumerate(requests):
+            input_ids[i, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
+            attention_mask[i, width - len(request.prompt_ids):] = 1
+        return input_ids, attention_mask
+
     def prompt_ids(self, messages: list[Message]) -> list[int]:
         """The tokens that ask for the next assistant turn: Alpaca's template for one instruction when the model was
         trained with it (a system message, which that template has no place for, is left out), else the tokenizer's
@@ -113,19 +133,12 @@ class Engine:
         """Answers for a batch of requests (prompts checked with check_fits)."""
         for request in requests:
             self.check_fits(request.prompt_ids)
-        budgets = [min(r.sampling.max_new_tokens, self.context_length - len(r.prompt_ids)) for r in requests]
-        eos_ids = self.eos_ids
-        answers = [Answer(self.tokenizer, r, b, eos_ids) for r, b in zip(requests, budgets)]
-        if max(budgets) > 0:
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids)
-            width = max(len(r.prompt_ids) for r in requests)
-            input_ids = torch.full((len(requests), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros_like(input_ids)
-            for i, request in enumerate(requests):  # left padding: every row's next token is at the end
-                input_ids[i, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
-                attention_mask[i, width - len(request.prompt_ids):] = 1
-            config = GenerationConfig(max_new_tokens=max(budgets), do_sample=False, pad_token_id=pad,
-                                      eos_token_id=sorted(eos_ids))
+        answers = [self.answer_for(r) for r in requests]
+        longest = max(answer.budget for answer in answers)
+        if longest > 0:
+            input_ids, attention_mask = self.left_padded(requests)
+            config = GenerationConfig(max_new_tokens=longest, do_sample=False, pad_token_id=self.pad_id,
+                                      eos_token_id=sorted(self.eos_ids))
             self.model.generate(input_ids=input_ids.to(self.model.device),
                                 attention_mask=attention_mask.to(self.model.device), generation_config=config,
                                 logits_processor=[PerRequestSampler(requests)], stopping_criteria=[Rows(answers)])
