@@ -118,3 +118,22 @@ def test_train_with_strategy_auto_says_what_it_chose(tiny_llama, tmp_path, caplo
                      "--model_max_length", "128", "--save_strategy", "no", "--report_to", "none", "--strategy", "auto"]) == 0
     assert "--strategy auto: ddp (" in caplog.text and "1 CPU process" in caplog.text
     assert json.loads((tmp_path / "out" / "train_results.json").read_text())["strategy"] == "single-process"
+
+
+def test_dpo_counts_its_reference_and_twice_the_sequences(shapes, capsys):
+    shape, hardware = shapes["llama-2-7b"], Hardware(gpus=8)
+    P = shape.params
+    sft = {o.strategy: o for o in plan(shape, hardware, Workload(micro_batch=2))}
+    dpo = {o.strategy: o for o in plan(shape, hardware, Workload(micro_batch=1, method="dpo"))}
+    precomputed = {o.strategy: o for o in plan(shape, hardware, Workload(micro_batch=1, method="dpo",
+                                                                         precompute_ref_log_probs=True))}
+    expected = {"ddp": 4 * P, "zero2": 2 * P, "zero3": 2 * P // 8, "fsdp": 4 * P // 8, "lora": 0, "qlora": 0}
+    for strategy, reference in expected.items():
+        assert dpo[strategy].gpu_reference_bytes == reference, strategy  # the frozen copy, placed like the policy
+        # 1 pair is 2 sequences: the activations of an SFT micro-batch of 2
+        assert dpo[strategy].gpu_activations_bytes == sft[strategy].gpu_activations_bytes
+        assert dpo[strategy].gpu_total_bytes == sft[strategy].gpu_total_bytes + reference
+        assert precomputed[strategy].gpu_total_bytes == sft[strategy].gpu_total_bytes
+    assert main(["plan", "--model", "llama-2-7b", "--method", "dpo", "--micro_batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "DPO: 1 pair = 2 sequences per micro-batch" in out and "--method dpo" in out

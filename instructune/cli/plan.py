@@ -23,6 +23,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--micro_batch", dest="per_device_train_batch_size", type=int, default=Workload.micro_batch,
                         help="sequences per GPU per step (train.py's --per_device_train_batch_size)")
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--method", default="sft", choices=("sft", "dpo"),
+                        help="dpo: --micro_batch counts pairs (two sequences each), and a frozen reference is counted")
+    parser.add_argument("--precompute_ref_log_probs", action="store_true", help="with --method dpo: no reference held")
     parser.add_argument("--lora_r", type=int, default=0, help="plan LoRA adapters of this rank (and choose among adapters)")
     parser.add_argument("--lora_target_modules", default="[q_proj,v_proj]", help="as train.py's flag, or all-linear")
     parser.add_argument("--load_in_4bit", action="store_true", help="with --lora_r: QLoRA")

@@ -124,6 +124,27 @@ class DataArguments:
 
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
+    method: str = field(
+        default="sft",
+        metadata={"help": "What to train: 'sft' (instruction tuning, on instruction or chat records) or 'dpo' "
+                  "(preference tuning, on chosen/rejected pairs, against the starting model as reference).",
+                  "choices": ["sft", "dpo"]},
+    )
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "--method dpo: how far the policy may move from the reference (DPO's β; IPO's τ). Lower "
+                  "lets it move further."},
+    )
+    dpo_loss: str = field(
+        default="sigmoid",
+        metadata={"help": "--method dpo: 'sigmoid' (DPO) or 'ipo' (IPO: a squared loss on the per-token log-ratios, "
+                  "which does not push the margin without bound).", "choices": ["sigmoid", "ipo"]},
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={"help": "--method dpo: compute the reference's log-probs of every pair once, before the first step, "
+                  "and cache them beside the tokenised data; then no reference model is held during training."},
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Hugging Face download cache."})
     config: str | None = field(default=None, metadata={"help": "A YAML file of these flags (flags after it override it)."})
     optim: str = field(

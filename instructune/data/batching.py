@@ -39,6 +39,7 @@ class Collator:
     flatten: bool = False  # padding-free / packed: one row, position ids, no attention mask
     target_logits_only: bool = False  # add logits_to_keep (the model must accept it)
     flash_attention: bool = False  # flattened: also the boundaries as flash attention's varlen kwargs (cu_seq_lens)
+    pairs: bool = False  # preference pairs: every chosen conversation, then every rejected one, padded together
 
     def __post_init__(self):
         self.padded = DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=IGNORE_INDEX)
@@ -47,7 +48,11 @@ class Collator:
     def __call__(self, items: list) -> dict:
         # An item is one example or a packed row (a list of them); an example is a cache row (ids and target spans)
         # or already has its labels.
-        if self.flatten and not self.flash_attention and any(isinstance(item, list) for item in items):
+        if self.pairs:
+            batch = self.padded([example(e) for e in items] + [example(e, rejected=True) for e in items])
+            if "reference_log_probs" in items[0]:  # precomputed: in the batch's order, chosen ones then rejected
+                batch["reference_log_probs"] = torch.tensor([e["reference_log_probs"] for e in items]).T.reshape(-1)
+        elif self.flatten and not self.flash_attention and any(isinstance(item, list) for item in items):
             batch = self._rows([item if isinstance(item, list) else [item] for item in items])
         elif self.flatten:
             batch = self._flattened([e for item in items for e in (item if isinstance(item, list) else [item])])
@@ -139,27 +144,36 @@ class CachedExamples(torch.utils.data.Dataset):
         import numpy as np
 
         self.rows, self.indices, self.groups = rows, np.asarray(indices, dtype=np.int64), groups
+        self.reference = None  # preference pairs: the reference's log-probs of each row's chosen and rejected, if precomputed
 
     def __len__(self) -> int:
         return len(self.groups) if self.groups is not None else len(self.indices)
 
     def __getitem__(self, index: int) -> dict | list[dict]:
         if self.groups is not None:
-            return self._read(self.indices[self.groups[index]])
-        return self.rows[int(self.indices[index])]
+            return self.read(self.indices[self.groups[index]])
+        return self.read(self.indices[[index]])[0]
 
     def __getitems__(self, keys: list[int]) -> list:  # a batch at once (the DataLoader's fast path)
         if self.groups is not None:
             return [self[key] for key in keys]
-        return self._read(self.indices[keys])
+        return self.read(self.indices[keys])
 
-    def _read(self, indices) -> list[dict]:
+    def read(self, indices) -> list[dict]:
+        """The rows at these indices of the cache (not of this selection)."""
         columns = self.rows[indices.tolist()]
-        return [dict(zip(columns, values)) for values in zip(*columns.values())]
+        items = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        if self.reference is not None:
+            for item, values in zip(items, self.reference[indices].tolist()):
+                item["reference_log_probs"] = values
+        return items
 
     def lengths(self):
-        """Tokens per example, from the length column (no pass over the examples)."""
-        return self.rows.data.column("length").to_numpy()[self.indices]
+        """Tokens per example, from the length column (no pass over the examples); a pair's longer side."""
+        import numpy as np
+
+        columns = self.rows.data
+        return np.maximum(columns.column("length").to_numpy(), columns.column("rejected_length").to_numpy())[self.indices]
 
     def select(self, positions) -> "CachedExamples":
         return CachedExamples(self.rows, self.indices[positions])

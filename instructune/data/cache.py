@@ -41,7 +41,7 @@ from instructune.files import atomic_file, atomic_folder, cache_root, file_hash
 logger = logging.getLogger("instructune")
 
 # Bump when encode.py or templates.py change what an example is: old caches then miss.
-ENCODING_VERSION = 2
+ENCODING_VERSION = 3
 MARKER = "complete"  # written last: settings, row count, statistics and each file's hash
 SHARD_ROWS = 100_000  # rows tokenised per `map`: what a crash can lose, and the unit of the progress log
 WAIT_POLL_S = 1.0
@@ -145,7 +145,10 @@ def features(tokenizer):
     return datasets.Features({"input_ids": datasets.List(datasets.Value(ids)),
                               "target_spans": datasets.List(datasets.Value("int32")),
                               "length": datasets.Value("int32"), "full_length": datasets.Value("int32"),
-                              "target_tokens": datasets.Value("int32"), "outcome": datasets.Value("uint8")})
+                              "target_tokens": datasets.Value("int32"), "outcome": datasets.Value("uint8"),
+                              "rejected_ids": datasets.List(datasets.Value(ids)),
+                              "rejected_spans": datasets.List(datasets.Value("int32")),
+                              "rejected_length": datasets.Value("int32")})
 
 
 def _encode_batch(batch: dict, tokenizer, encoding: Encoding) -> dict:

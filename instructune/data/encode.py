@@ -68,12 +68,12 @@ def stats_of(outcomes, full_lengths) -> DataStats:
                      int(max(full_lengths, default=0)))
 
 
-def example(row: dict) -> dict:
+def example(row: dict, rejected: bool = False) -> dict:
     """A cache row (input_ids and target_spans) → the example the collator pads or flattens: labels are the ids
-    inside the spans, IGNORE_INDEX elsewhere."""
-    ids = row["input_ids"]
+    inside the spans, IGNORE_INDEX elsewhere. `rejected`: a pair's rejected side (rejected_ids, rejected_spans)."""
+    ids = row["rejected_ids" if rejected else "input_ids"]
     labels = [IGNORE_INDEX] * len(ids)
-    spans = row["target_spans"]
+    spans = row["rejected_spans" if rejected else "target_spans"]
     for start, end in zip(spans[::2], spans[1::2]):
         labels[start:end] = ids[start:end]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
@@ -88,7 +88,10 @@ def encode_columns(
     overlong: str = "truncate",
 ) -> dict[str, list]:
     """One row per conversation: input_ids and labels (empty if dropped), its length before truncation and
-    its outcome (KEPT, TRUNCATED or DROPPED); the shape of a batched `datasets` map (see cache.py)."""
+    its outcome (KEPT, TRUNCATED or DROPPED); the shape of a batched `datasets` map (see cache.py).
+
+    A preference pair's row also holds its rejected conversation's ids and spans (the rejected_ columns; empty for
+    an instruction record); its outcome is the worse of the two sides' (both are kept, or neither)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; the model could never learn to stop")
     if not tokenizer.chat_template:
@@ -96,6 +99,27 @@ def encode_columns(
             reason = "a multi-turn conversation" if needing.multi_turn else "--prompt_template chat"
             raise DataError(f"{needing.source}: {reason} is rendered with the tokenizer's chat template, and "
                             f"{tokenizer.name_or_path} has none")
+    pairs = [i for i, c in enumerate(conversations) if c.rejected is not None]
+    encoded = _encode(conversations + [conversations[i].with_rejected_reply() for i in pairs], tokenizer, template,
+                      max_length, train_on_inputs, overlong)
+    rejected = dict(zip(pairs, encoded[len(conversations):]))
+    columns = {name: [] for name in COLUMNS}
+    for i, (input_ids, spans, full_length, targets, outcome) in enumerate(encoded[:len(conversations)]):
+        other_ids, other_spans = [], []
+        if i in rejected:
+            other_ids, other_spans, _, _, other_outcome = rejected[i]
+            outcome = max(outcome, other_outcome)
+            if outcome == DROPPED:
+                input_ids, spans, other_ids, other_spans = [], [], [], []
+        for name, value in zip(COLUMNS, (input_ids, spans, len(input_ids), full_length, targets, outcome, other_ids,
+                                         other_spans, len(other_ids))):
+            columns[name].append(value)
+    return columns
+
+
+def _encode(conversations: list[Conversation], tokenizer, template: str, max_length: int, train_on_inputs: bool,
+            overlong: str) -> list[tuple]:
+    """(input_ids, target spans, full length, target tokens, outcome) of each conversation."""
     rendered = [(template_for(c, template), render_segments(c, template, tokenizer)) for c in conversations]
     # One batched call per kind of segment: the first segment of an Alpaca-template example gets the
     # tokenizer's BOS, like Alpaca's prompts; chat templates write their own special tokens.
@@ -108,7 +132,7 @@ def encode_columns(
         for i, tokens in zip(chosen, token_ids(tokenizer, [texts[i] for i in chosen], flag)):
             ids[i] = tokens
 
-    columns = {name: [] for name in COLUMNS}
+    encoded = []
     position = 0
     for chosen_template, segments in rendered:
         input_ids, spans = [], []  # spans: [start, end) of each run of targets, flattened
@@ -132,9 +156,8 @@ def encode_columns(
             else:
                 outcome, input_ids = TRUNCATED, input_ids[:max_length]
                 spans = _non_empty([min(p, max_length) for p in spans])
-        for name, value in zip(COLUMNS, (input_ids, spans, len(input_ids), full_length, targets, outcome)):
-            columns[name].append(value)
-    return columns
+        encoded.append((input_ids, spans, full_length, targets, outcome))
+    return encoded
 
 
 def token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
@@ -153,8 +176,10 @@ def token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[lis
 
 
 # The columns of a tokenised conversation (one row each): its ids; its targets as [start, end) pairs (no second id
-# column); its length, and its length and target count before truncation (for `data inspect`); its outcome.
-COLUMNS = ("input_ids", "target_spans", "length", "full_length", "target_tokens", "outcome")
+# column); its length, and its length and target count before truncation (for `data inspect`); its outcome; a
+# preference pair's rejected conversation: its ids, target spans and length (empty and 0 for other records).
+COLUMNS = ("input_ids", "target_spans", "length", "full_length", "target_tokens", "outcome", "rejected_ids",
+           "rejected_spans", "rejected_length")
 
 
 def _non_empty(spans: list[int]) -> list[int]:

@@ -61,10 +61,21 @@ def inspect(specs: list[DatasetSpec], tokenizer, template: str, max_length: int,
                    (("prompt", prompt), ("response", response), ("total", total))},
         "cache": str(prepared.folder),
     }
+    pairs = int((columns.column("rejected_length").to_numpy() > 0).sum())
+    if pairs:
+        summary["preference_pairs"] = pairs
     rows = conversations(prepared.folder)
-    shown = [mark_targets(render_segments(from_row(rows[i]["conversation"]), template, tokenizer))
-             for i in range(min(show, len(rows)))]
+    shown = [shown_example(from_row(rows[i]["conversation"]), template, tokenizer) for i in range(min(show, len(rows)))]
     return summary, shown, {"prompt": prompt, "response": response, "total": total}
+
+
+def shown_example(conversation, template: str, tokenizer) -> str:
+    """The rendered conversation, its targets marked; a pair's rejected reply after it, marked too."""
+    text = mark_targets(render_segments(conversation, template, tokenizer))
+    if conversation.rejected is not None:
+        rejected = render_segments(conversation.with_rejected_reply(), template, tokenizer)[-1:]
+        text += f"\n  (rejected instead:) {mark_targets(rejected)}"
+    return text
 
 
 def mark_targets(segments: list[tuple[str, bool]]) -> str:
@@ -90,6 +101,8 @@ def format_summary(summary: dict) -> str:
     lines = [f"{summary['records']} records: " + ", ".join(f"{n} from {s}" for s, n in summary["sources"].items()),
              "formats: " + ", ".join(f"{f} {n}" for f, n in summary["formats"].items()),
              "duplicates removed: {exact} exact, {normalised} normalised".format(**summary["duplicates_removed"])]
+    if "preference_pairs" in summary:
+        lines.append(f"preference pairs: {summary['preference_pairs']} (token counts are the chosen side's)")
     if summary["skipped_empty"]:
         lines.append("skipped: " + ", ".join(f"{n} with an empty {f}" for f, n in summary["skipped_empty"].items()))
     lines.append(f"tokens ({summary['tokenizer']}, template {summary['template']}):")

@@ -156,7 +156,8 @@ def _keys(conversation: Conversation) -> tuple[int, int]:
     """64-bit hashes of the exact and the normalised (case, white space) texts: 1M records keep 2M integers, not
     their texts; two different conversations share a hash with odds of about n²/2⁶⁵ (3e-8 at a million)."""
     def key(text) -> str:
-        return "\0".join(f"{m.role}\1{text(m.content)}\1{text(m.context)}" for m in conversation.messages)
+        turns = "\0".join(f"{m.role}\1{text(m.content)}\1{text(m.context)}" for m in conversation.messages)
+        return turns if conversation.rejected is None else f"{turns}\0rejected\1{text(conversation.rejected)}"
 
     exact, normalised = key(str), key(lambda s: " ".join(s.lower().split()))
     return (int.from_bytes(hashlib.blake2b(exact.encode(), digest_size=8).digest()),

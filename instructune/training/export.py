@@ -91,7 +91,12 @@ def save_model_folder(trainer, metrics: dict, data_stats: DataStats, speed: dict
         "losses": losses,
         "heldout_losses": loss_history(trainer, "eval_loss"),
         "lm_eval": [e for e in trainer.state.log_history if any(k.startswith("lm_eval/") for k in e)],
+        "method": trainer.args.method,
     }
+    if trainer.args.method == "dpo":  # the reference, and the rewards at every log, training's and held-out's
+        summary["preference"] = {"beta": trainer.args.beta, "loss": trainer.args.dpo_loss, **trainer.reference_summary()}
+        summary["rewards"] = [{k: v for k, v in e.items() if "rewards/" in k or k == "step"}
+                              for e in trainer.state.log_history if any("rewards/" in k for k in e)]
     with atomic_file(output_dir / RUN_SUMMARY) as f:
         f.write(json.dumps(summary, indent=2) + "\n")
     clear_note(output_dir)  # the run is complete: rerunning the command starts a new one

@@ -17,6 +17,7 @@ Per process (one per GPU) it adds up what training holds at its peak:
 An option fits when its total stays within the device's memory less the headroom (10% by default).
 """
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -78,11 +79,14 @@ class Workload:
     lora_r: int = 0
     load_in_4bit: bool = False
     target_fraction: float = 1.0  # positions with a target (logits are kept only there); 1.0 is the safe bound
+    method: str = "sft"  # dpo: a micro-batch of pairs is twice the sequences, beside a reference model
+    precompute_ref_log_probs: bool = False  # dpo: no reference held
 
     # Workload field ← the flag (typed argument) it comes from, the same in train.py and `instructune plan`
     FLAGS = {"seq_len": "model_max_length", "micro_batch": "per_device_train_batch_size",
              "gradient_checkpointing": "gradient_checkpointing", "lora_r": "lora_r", "load_in_4bit": "load_in_4bit",
-             "target_fraction": "target_fraction"}
+             "target_fraction": "target_fraction", "method": "method",
+             "precompute_ref_log_probs": "precompute_ref_log_probs"}
 
     @classmethod
     def from_args(cls, *sources) -> "Workload":
@@ -101,6 +105,7 @@ class Option:
     gpu_activations_bytes: int
     gpu_logits_bytes: int
     gpu_runtime_bytes: int
+    gpu_reference_bytes: int  # DPO's frozen reference, as the strategy places it (an adapter's is its base: none)
     gpu_total_bytes: int
     cpu_total_bytes: int  # per node
     command: str = ""
@@ -120,6 +125,21 @@ def deepspeed_zero3(params: int, largest: int, gpus: int, nodes: int, offload: b
     if offload:
         return int(params * 18 / nodes * 1.5), 4 * largest
     return int(largest * 4 * gpus * 1.5), 4 * largest + int(18 * params / (gpus * nodes))
+
+
+def reference_bytes(strategy: str, params: int, world: int, nodes: int, on_gpu: bool) -> tuple[int, int]:
+    """(per device, CPU per node) bytes of DPO's frozen reference (training/preference.py): whole under DDP and
+    ZeRO-2, partitioned under ZeRO-3 and FSDP (on the CPU with their offload), none with an adapter (its base is the
+    reference). DeepSpeed runs it in bf16 on a GPU (its engine casts the copy); FSDP and DDP keep the fp32 load. Its
+    activations are not kept (no gradient), so only its weights count."""
+    if strategy in ADAPTERS:
+        return 0, 0
+    element = 2 if on_gpu and strategy.startswith("zero") else 4
+    if strategy in ("zero3_offload", "fsdp_offload"):
+        return 0, element * params // nodes
+    if strategy in ("zero3", "fsdp"):
+        return element * params // world, 0
+    return element * params, 0
 
 
 def activation_bytes(shape: Shape, work: Workload, element: int, memory_efficient_attention: bool) -> int:
@@ -143,6 +163,9 @@ def plan(shape: Shape, hardware: Hardware, work: Workload) -> list[Option]:
     """Every option, in FULL then ADAPTERS order, with its figures and whether it fits."""
     gpus, nodes, world, P, L = hardware.gpus, hardware.nodes, hardware.world, shape.params, shape.largest_layer
     on_gpu = hardware.device == "gpu"
+    dpo = work.method == "dpo"
+    if dpo:  # each pair is two sequences (chosen and rejected) in one padded batch
+        work = dataclasses.replace(work, micro_batch=2 * work.micro_batch)
     element = 2 if on_gpu else 4  # bf16 activations on a GPU; fp32 on the CPU (no fast bf16 there)
     runtime = int(hardware.runtime_overhead if hardware.runtime_overhead is not None else (1.0 if on_gpu else 0.6) * GIB)
     activations = activation_bytes(shape, work, element, memory_efficient_attention=on_gpu)
@@ -153,14 +176,16 @@ def plan(shape: Shape, hardware: Hardware, work: Workload) -> list[Option]:
     lora = shape.lora_params.get(work.lora_r or 8, 0)
 
     def option(name: str, states: int, buffers: int, cpu_states: int, load_peak: int, acts: int = activations):
-        total = int(states + buffers + acts + logits + runtime)
+        reference, cpu_reference = reference_bytes(name, P, world, nodes, on_gpu) if dpo and not \
+            work.precompute_ref_log_probs else (0, 0)
+        total = int(states + buffers + acts + logits + runtime + reference)
         if on_gpu:
-            cpu = int(gpus * (runtime + load_peak) + cpu_states)
+            cpu = int(gpus * (runtime + load_peak) + cpu_states + cpu_reference)
             fits = total <= budget and cpu <= cpu_budget
         else:  # the processes are on the CPU: all of theirs comes out of the node's memory
-            cpu = int(gpus * total + cpu_states)
+            cpu = int(gpus * total + cpu_states + cpu_reference)
             fits = cpu <= cpu_budget
-        return Option(name, fits, int(states), int(buffers), int(acts), int(logits), runtime, total, cpu)
+        return Option(name, fits, int(states), int(buffers), int(acts), int(logits), runtime, reference, total, cpu)
 
     options = [option("ddp", 16 * P, 4 * P, 0, fp32_load)]  # fp32 weights, gradients, Adam; DDP's gradient buckets
     for offload in (False, True):
@@ -284,6 +309,8 @@ def command_for(option: Option, model: str, hardware: Hardware, work: Workload) 
         flags.append(f"--lora_r {work.lora_r or 8}")
         if option.strategy == "qlora":
             flags.append("--load_in_4bit True")
+    if work.method == "dpo":
+        flags.append("--method dpo" + (" --precompute_ref_log_probs True" if work.precompute_ref_log_probs else ""))
     flags += [f"--per_device_train_batch_size {work.micro_batch}", f"--model_max_length {work.seq_len}"]
     if hardware.device == "gpu":
         flags.append("--bf16 True")
@@ -306,17 +333,18 @@ def table(shape: Shape, hardware: Hardware, work: Workload, options: list[Option
         f"{shape.name}: {shape.params / 1e9:.2f}B parameters, {shape.layers} layers, hidden {shape.hidden}, "
         f"vocab {shape.vocab}; {hardware.nodes} node(s) × {hardware.gpus} {'GPUs' if hardware.device == 'gpu' else 'processes'}, "
         f"{hardware.gpu_mem / GIB:.0f} GiB per {where}, {hardware.cpu_mem / GIB:.0f} GiB CPU per node",
-        f"micro-batch {work.micro_batch} × {work.seq_len} tokens, gradient checkpointing "
+        f"{dpo_line(work)}micro-batch {work.micro_batch} × {work.seq_len} tokens, gradient checkpointing "
         f"{'on' if work.gradient_checkpointing else 'off'}; GiB per {where} (CPU: per node), "
         f"fits = within {1 - hardware.headroom:.0%} of memory",
         "",
-        f"{'strategy':14s} {'states':>7s} {'buffers':>7s} {'activ.':>7s} {'logits':>7s} {'runtime':>7s} {'total':>7s} "
-        f"{'CPU':>7s}  fits",
+        f"{'strategy':14s} {'states':>7s} {'buffers':>7s} {'activ.':>7s} {'logits':>7s} {'runtime':>7s} {'ref.':>7s} "
+        f"{'total':>7s} {'CPU':>7s}  fits",
     ]
     for o in options:
         lines.append(f"{o.strategy:14s} {gib(o.gpu_model_states_bytes)} {gib(o.gpu_buffers_bytes)} "
                      f"{gib(o.gpu_activations_bytes)} {gib(o.gpu_logits_bytes)} {gib(o.gpu_runtime_bytes)} "
-                     f"{gib(o.gpu_total_bytes)} {gib(o.cpu_total_bytes)}  {'yes' if o.fits else 'no'}"
+                     f"{gib(o.gpu_reference_bytes)} {gib(o.gpu_total_bytes)} {gib(o.cpu_total_bytes)}  "
+                     f"{'yes' if o.fits else 'no'}"
                      f"{'  ← chosen' if o is chosen else ''}")
     lines.append("")
     if chosen:
@@ -325,6 +353,14 @@ def table(shape: Shape, hardware: Hardware, work: Workload, options: list[Option
         hint = "" if work.gradient_checkpointing else "; try --gradient_checkpointing"
         lines.append(f"nothing fits: a smaller micro-batch or sequence, more GPUs{hint}")
     return "\n".join(lines)
+
+
+def dpo_line(work: Workload) -> str:
+    if work.method != "dpo":
+        return ""
+    reference = "precomputed log-probs (none held)" if work.precompute_ref_log_probs else "a frozen copy (ref.)"
+    pairs = f"{work.micro_batch} pair{'s' if work.micro_batch != 1 else ''}"
+    return f"DPO: {pairs} = {2 * work.micro_batch} sequences per micro-batch, reference: {reference}; "
 
 
 def to_json(options: list[Option], chosen: Option | None) -> str:

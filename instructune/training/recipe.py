@@ -22,7 +22,7 @@ from instructune.data.cache import Encoding, prepare
 from instructune.errors import ConfigError, DataError, UserError
 from instructune.eval.harness import LmEvalCallback
 from instructune.modeling import adapters, models
-from instructune.training import distributed, guard
+from instructune.training import distributed, guard, preference
 from instructune.training.export import MERGED, loss_history, prepare_output_dir, save_model_folder
 from instructune.training.speed import SpeedMeter
 from instructune.training.trainer import InstructTrainer, supports_target_logits, target_token_loss
@@ -71,6 +71,23 @@ def lm_eval_callback(args: TrainingArguments) -> LmEvalCallback:
                           args.eval_tasks_num_fewshot, args.eval_tasks_limit, args.eval_tasks_include_path)
 
 
+PAIR_FORMATS = ("preference", "hh")
+
+
+def check_method_fits_data(method: str, formats: dict[str, int], specs: list[DatasetSpec]) -> None:
+    """DPO trains on preference pairs only; SFT on instruction and chat records only."""
+    pairs = {f: n for f, n in formats.items() if f in PAIR_FORMATS}
+    others = {f: n for f, n in formats.items() if f not in PAIR_FORMATS}
+    where = ", ".join(spec.path for spec in specs)
+    if method == "dpo" and others:
+        raise DataError(f"{where}: --method dpo trains on preference pairs (prompt/chosen/rejected, or HH's chosen/"
+                        f"rejected), and {sum(others.values())} records are not pairs ("
+                        + ", ".join(f"{f} {n}" for f, n in others.items()) + ")")
+    if method == "sft" and pairs:
+        raise DataError(f"{where}: {sum(pairs.values())} records are preference pairs (chosen/rejected): train them "
+                        "with --method dpo")
+
+
 def train(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -99,6 +116,7 @@ def train(
                        cache_dir=data_args.tokenized_cache_dir, workers=data_args.preprocessing_num_workers,
                        wait=training_args.local_process_index != 0)  # waits on the folder, not in a collective
     examples, stats = prepared.examples(), prepared.stats
+    check_method_fits_data(training_args.method, prepared.formats, specs)
     if not len(examples):
         raise DataError(f"{', '.join(s.path for s in specs)}: no record fits in model_max_length={training_args.model_max_length}")
     validation = None
@@ -108,6 +126,10 @@ def train(
         training_args.eval_on_start = True  # the held-out loss before training; the final one is measured below
         stats = dataclasses.replace(stats, heldout=len(validation))
     train_examples = examples
+    dpo = training_args.method == "dpo"
+    if dpo and (data_args.packing or data_args.padding_free):
+        raise ConfigError("--method dpo pads each batch of pairs (the policy and the reference read the same batch); "
+                          "train it without --packing and --padding_free")
     if data_args.packing:
         train_examples, fill = examples.packed(training_args.model_max_length)
         stats = dataclasses.replace(stats, packed_rows=len(train_examples), packed_fill=fill)
@@ -133,6 +155,17 @@ def train(
         if added and is_deepspeed_zero3_enabled() and on_cpu():
             distributed.peft_trainable_tokens_on_cpu()
         model = adapters.add_lora(model, model_args, added, training_args.gradient_checkpointing, training_args.seed)
+    # DPO's reference: with an adapter, the base (the adapter disabled); precomputed, none held; else a frozen copy.
+    reference_cache = None
+    if dpo and training_args.precompute_ref_log_probs:
+        reference_cache = preference.reference_cache_path(prepared.folder, model_path, {
+            "pad_token": model_args.pad_token, "lora": bool(model_args.lora_r), "quantization": repr(quantization),
+            "bf16": training_args.bf16, "fp16": training_args.fp16, "max_length": training_args.model_max_length})
+    reference = None
+    if dpo and not model_args.lora_r and reference_cache is None:
+        reference = models.load_model(model_path, training_args.cache_dir, model_args.trust_remote_code)
+        if num_new_tokens:
+            models.resize_embeddings(reference, tokenizer, num_new_tokens)
 
     if training_args.eval_tasks:
         callbacks = [*(callbacks or []), lm_eval_callback(training_args)]
@@ -146,8 +179,12 @@ def train(
     # can (every HF causal LM of transformers 5: `logits_to_keep`); speed measured all along.
     target_logits = supports_target_logits(model)
     collator = Collator(tokenizer, flatten=data_args.padding_free or data_args.packing, target_logits_only=target_logits,
-                        flash_attention="flash" in str(model.config._attn_implementation))
-    trainer = InstructTrainer(
+                        flash_attention="flash" in str(model.config._attn_implementation), pairs=dpo)
+    method = {}  # DPO: its loss in compute_loss, with the reference
+    if dpo:
+        method = {"preference": preference.Preference(training_args.beta, training_args.dpo_loss, reference_cache),
+                  "reference": reference}
+    trainer = (preference.PreferenceTrainer if dpo else InstructTrainer)(
         model=model,
         args=training_args,
         train_dataset=train_examples,
@@ -155,10 +192,11 @@ def train(
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
-        compute_loss_func=target_token_loss if target_logits else None,
+        compute_loss_func=target_token_loss if target_logits and not dpo else None,
         speed=SpeedMeter(model, training_args.device, training_args.world_size, training_args.bf16),
         flat_batches=collator.flatten,
         guard=step_guard,
+        **method,
     )
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -168,7 +168,7 @@ def mask_needed_to_keep_examples_apart(model, collator, device) -> bool:
     changed = {**first, "input_ids": [16, 17, 18, 19, 20, 21]}
 
     def second_logits(pair, with_mask: bool) -> torch.Tensor:
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator([pair]).items()}  # a packed row
+        batch = on_device(collator([pair]), device)  # a packed row
         batch.pop("labels")
         batch.pop("logits_to_keep", None)  # all positions: the second example's are the last five
         if with_mask:
@@ -195,6 +195,11 @@ def mask_needed_to_keep_examples_apart(model, collator, device) -> bool:
                     f"to each other (an example's logits moved by {moved[False]:.2g} when another changed, "
                     f"{moved[True]:.2g} with a block-diagonal mask), so --padding_free/--packing cannot train it "
                     "exactly; train without them (padded batches; --group_by_length True keeps padding low)")
+
+
+def on_device(batch: dict, device) -> dict:
+    """A collated batch's tensors moved to the run's device (what the Trainer does to the batches it reads)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def causal_mask_from_positions(model, position_ids: torch.Tensor):
