@@ -19,6 +19,7 @@ from instructune.data.sources import load_conversations
 from instructune.errors import DataError
 from instructune.training.preference import preference_loss, sequence_log_probs
 
+from conftest import REPO
 from test_distributed import max_difference, weights
 from test_train import tiny_run_flags
 
@@ -269,3 +270,23 @@ def test_a_preempted_dpo_run_resumes_to_the_uninterrupted_model(reference, tiny_
     assert run(lambda: train.main(stopped, callbacks=[signalled_at(4, "TERM")])) == guard.PREEMPTED
     assert main(["train", *stopped]) == 0
     assert max_difference(weights(tmp_path / "stopped"), weights(tmp_path / "straight")) < 1e-6
+
+
+def test_pairs_mix_dedup_and_inspect(smollm2, tmp_path, capsys):
+    shipped = json.loads((REPO / "preference_pairs.json").read_text())
+    ours = tmp_path / "ours.json"
+    ours.write_text(json.dumps([shipped[0], TRL_PLAIN]))  # a shipped pair again, and a new one
+    shouted = {side: f"\n\nHuman: {USER.upper()}\n\nAssistant:  {reply}" for side, reply in (("chosen", GOOD),
+                                                                                            ("rejected", BAD))}
+    prefix = "\n\nHuman: Hi.\n\nAssistant: Hello!\n\nHuman: Name a fruit."
+    new = {"chosen": prefix + "\n\nAssistant: An apple.", "rejected": prefix + "\n\nAssistant: A carrot."}
+    hh = tmp_path / "hh.jsonl"  # TRL_PLAIN's pair as a transcript, then in capitals, then a new pair of 2 turns
+    hh.write_text("\n".join(json.dumps(r) for r in [HH, shouted, new]) + "\n")
+    assert main(["data", "inspect", f"{REPO / 'preference_pairs.json'}:all", f"{ours}:all", f"{hh}:all",
+                 "--output_dir", str(tmp_path / "report"), "--show", "1"]) == 0
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["formats"] == {"preference": len(shipped) + 1, "hh": 1}
+    assert summary["duplicates_removed"] == {"exact": 2, "normalised": 1}
+    assert summary["preference_pairs"] == summary["records"] == len(shipped) + 2
+    printed = capsys.readouterr().out
+    assert "(rejected instead:) ⟦" in printed and f"preference pairs: {len(shipped) + 2}" in printed
