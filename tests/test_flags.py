@@ -59,3 +59,14 @@ def test_strategy_auto_applies_the_planners_choice_to_the_typed_arguments(tmp_pa
     _, _, training_args = parse(tmp_path, "--strategy", "auto", "--per_device_train_batch_size", "4",
                                 "--gradient_checkpointing", choose_strategy=planner.auto_strategy)
     assert training_args.fsdp and not training_args.deepspeed  # FSDP, as the plan chose
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_auto_is_bf16_where_the_cpu_computes_in_it(native, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("instructune.config.device.cpu_has_bf16", lambda: native)
+    config = tmp_path / "run.yaml"
+    config.write_text("bf16: auto\n")
+    with caplog.at_level("INFO", logger="instructune"):
+        _, _, args = parse(tmp_path, "--config", str(config))
+    assert args.bf16 is native and args.mixed_precision == ("bf16" if native else "no")
+    assert ("training in bf16 autocast" if native else "no native bf16 on this machine") in caplog.text

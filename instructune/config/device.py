@@ -32,7 +32,9 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 def device_flags(argv: list[str]) -> list[str]:
-    """Parser input for a machine without CUDA: train on the CPU without being told, and drop CUDA-only flags."""
+    """Parser input for this machine: `--bf16 auto` decided; without CUDA, train on the CPU without being told, and
+    drop CUDA-only flags."""
+    argv = bf16_decided(argv)
     if not on_cpu():
         return argv
     argv = list(argv)
@@ -51,6 +53,21 @@ def device_flags(argv: list[str]) -> list[str]:
         else:
             logger.info("no GPU: training on the CPU")
     return argv
+
+
+def bf16_decided(argv: list[str]) -> list[str]:
+    """`--bf16 auto`: bf16 autocast where the device computes in bf16 natively (a GPU that supports it; a CPU with
+    AVX-512-BF16 or AMX, where the first batch's loss is then checked against fp32's: training/precision.py), fp32
+    elsewhere, where bf16 would be emulated, many times slower."""
+    if "--bf16" not in argv or argv.index("--bf16") + 1 >= len(argv) or argv[argv.index("--bf16") + 1] != "auto":
+        return argv
+    native = torch.cuda.is_bf16_supported() if not on_cpu() else cpu_has_bf16()
+    where = "this GPU" if not on_cpu() else "this CPU (AVX-512-BF16 or AMX)"
+    if main_process():
+        logger.info(f"--bf16 auto: {where} computes in bf16 natively: training in bf16 autocast" if native else
+                    "--bf16 auto: no native bf16 on this machine (it would be emulated, many times slower): fp32")
+    i = argv.index("--bf16")
+    return [*argv[:i + 1], str(native), *argv[i + 2:]]
 
 
 def adjust_for_device(args) -> None:

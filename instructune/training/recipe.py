@@ -22,7 +22,7 @@ from instructune.data.cache import Encoding, prepare
 from instructune.errors import ConfigError, DataError, UserError
 from instructune.eval.harness import LmEvalCallback
 from instructune.modeling import adapters, models
-from instructune.training import distributed, guard, preference
+from instructune.training import distributed, guard, precision, preference
 from instructune.training.export import MERGED, loss_history, prepare_output_dir, save_model_folder
 from instructune.training.speed import SpeedMeter
 from instructune.training.trainer import InstructTrainer, supports_target_logits, target_token_loss
@@ -180,6 +180,8 @@ def train(
     target_logits = supports_target_logits(model)
     collator = Collator(tokenizer, flatten=data_args.padding_free or data_args.packing, target_logits_only=target_logits,
                         flash_attention="flash" in str(model.config._attn_implementation), pairs=dpo)
+    if training_args.bf16 and on_cpu() and quantization is None:  # a 4-bit base computes in its own dtype
+        precision.check_bf16_on_cpu(training_args, model, collator, train_examples)
     method = {}  # DPO: its loss in compute_loss, with the reference
     if dpo:
         method = {"preference": preference.Preference(training_args.beta, training_args.dpo_loss, reference_cache),
