@@ -84,14 +84,13 @@ def alpaca_collate(tokenizer):
 
 
 def train_speed(name: str, model_path: str, tokenizer, dataset, collator, batch_size: int, fused: bool,
-                loss_func, flat: bool, bf16: bool) -> dict:
+                loss_func, flat: bool, bf16: bool, attention: str | None = None, compile: bool = False) -> dict:
     gpu = torch.cuda.is_available()
     bf16 = bf16 or gpu
-    attention = "sdpa"
-    if gpu:
+    if attention is None:
         import importlib.util
 
-        attention = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+        attention = "flash_attention_2" if gpu and importlib.util.find_spec("flash_attn") else "sdpa"
     model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                               attn_implementation=attention)
     with tempfile.TemporaryDirectory() as output_dir:
@@ -99,7 +98,7 @@ def train_speed(name: str, model_path: str, tokenizer, dataset, collator, batch_
             output_dir=output_dir, per_device_train_batch_size=batch_size, num_train_epochs=1, learning_rate=2e-5,
             optim="adamw_torch_fused" if fused else "adamw_torch", lr_scheduler_type="constant", logging_steps=1,
             save_strategy="no", report_to=[], use_cpu=not gpu, bf16=bf16, seed=42, disable_tqdm=True,
-            remove_unused_columns=False)
+            remove_unused_columns=False, torch_compile=compile)
         trainer = InstructTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                   processing_class=tokenizer, compute_loss_func=loss_func,
                                   speed=SpeedMeter(model, args.device, bf16=bf16), flat_batches=flat)
@@ -109,10 +108,10 @@ def train_speed(name: str, model_path: str, tokenizer, dataset, collator, batch_
         trainer.speed.take_window()
         speed = trainer.speed.summary()
     speed.update(name=name, steps=trainer.state.global_step, wall_s=time.perf_counter() - started,
-                 attention=attention, dtype="bf16" if bf16 else "fp32")
+                 attention=attention, dtype="bf16" if bf16 else "fp32", torch_compile=compile)
     print(f"  {name}: {speed['steps']} steps, {speed['target_tokens_per_second']:.0f} target tokens/s, "
           f"{speed['tokens_per_second']:.0f} tokens/s, padding {speed['padding_fraction']:.1%}, "
-          f"MFU {speed.get('mfu', float('nan')):.1%}", flush=True)
+          f"MFU {speed.get('mfu', float('nan')):.1%}, {speed['wall_s']:.0f} s in all", flush=True)
     return speed
 
 
@@ -125,6 +124,10 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--bf16", action="store_true", help="on the CPU, train in bf16 autocast (fast on CPUs with AMX "
                         "or AVX-512-BF16; a GPU always trains in bf16); MFU is then against the measured bf16 peak")
+    parser.add_argument("--attention", choices=["sdpa", "eager", "flex_attention"], default=None,
+                        help="attention implementation of our pipelines (default: flash-attention on a GPU that has it, "
+                        "else sdpa); the reference keeps the default")
+    parser.add_argument("--torch_compile", action="store_true", help="compile our pipelines' models (torch.compile)")
     options = parser.parse_args()
     if not DATA.exists():
         sys.exit(f"skipped: {DATA} is absent (the shared data folder is not beside the repo)")
@@ -180,7 +183,8 @@ def main() -> None:
             dataset = [[ours[i] for i in group] for group in groups]
             print(f"  packing: {len(ours)} examples into {len(dataset)} rows, {fill:.1%} full")
         results[name] = train_speed(name, model_path, tokenizer, dataset, collator, batch, name != "padding_free_foreach_adamw",
-                                    target_token_loss if target_only else None, flat, options.bf16)
+                                    target_token_loss if target_only else None, flat, options.bf16, options.attention,
+                                    options.torch_compile)
 
     reference = results.get("reference")
     best = results.get("padding_free")
