@@ -225,10 +225,10 @@ def ddp_dpo(ranks, tiny_llama, tmp_path_factory):
     return data, train_distributed(ranks, tiny_llama, data, work / "out", "ddp")
 
 
-def train_distributed(ranks, model, data, output_dir, strategy: str) -> dict:
+def train_distributed(ranks, model, data, output_dir, strategy: str, *extra: str) -> dict:
     flags = dpo_flags(model, data, output_dir, steps=6, learning_rate=0.05)
     flags[flags.index("--per_device_train_batch_size") + 1] = "2"
-    result = ranks.torchrun("train.py", *flags, "--optim", "sgd", "--strategy", strategy)
+    result = ranks.torchrun("train.py", *flags, "--optim", "sgd", "--strategy", strategy, *extra)
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((output_dir / "train_results.json").read_text())
     assert summary["world_size"] == 2 and summary["losses"][-1]["loss"] < summary["losses"][0]["loss"]
@@ -237,14 +237,21 @@ def train_distributed(ranks, model, data, output_dir, strategy: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("strategy", ["zero2", "zero3", "fsdp"])
+@pytest.mark.parametrize("strategy", ["zero2", "zero3", "fsdp", "zero3_precomputed"])
 def test_dpo_under_every_strategy_ends_where_ddp_does(strategy, ddp_dpo, ranks, tiny_llama, tmp_path):
+    """The precomputed case: each rank computes half the pairs' reference log-probs with the partitioned policy
+    before the first step, and the halves are gathered."""
     data, ddp = ddp_dpo
-    run = train_distributed(ranks, tiny_llama, data, tmp_path / "out", strategy)
+    precomputed = strategy.endswith("_precomputed")
+    run = train_distributed(ranks, tiny_llama, data, tmp_path / "out", strategy.removesuffix("_precomputed"),
+                            *(["--precompute_ref_log_probs", "True", "--tokenized_cache_dir", str(tmp_path / "cache")]
+                              if precomputed else []))
     assert max_difference(run["weights"], ddp["weights"]) < 1e-6
     whole = ddp["held_weights"]
     assert whole == sum(t.numel() for t in ddp["weights"].values())  # DDP: a whole reference on each rank
-    if strategy == "zero2":
+    if precomputed:
+        assert run["reference"] == "precomputed" and run["held_weights"] == 0
+    elif strategy == "zero2":
         assert run["held_weights"] == whole and run["wrapper"] == "DeepSpeedEngine"
     else:  # partitioned like the policy: about half on each of the 2 ranks, never a whole copy
         assert run["held_weights"] < 0.7 * whole
