@@ -153,13 +153,17 @@ def dpo_flags(model, data, output_dir, steps: int = 16, learning_rate: float = 5
 
 
 @pytest.mark.slow
-def test_dpo_widens_the_margin_of_held_out_pairs(tiny_llama, tmp_path):
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_dpo_widens_the_margin_of_held_out_pairs(loss, tiny_llama, tmp_path):
     data = write_pairs(tmp_path / "pairs.json")
-    flags = dpo_flags(tiny_llama, data, tmp_path / "out", steps=20) + ["--val_set_size", "8", "--logging_steps", "5"]
+    flags = dpo_flags(tiny_llama, data, tmp_path / "out", steps=20) + ["--val_set_size", "8", "--logging_steps", "5",
+                                                                      "--dpo_loss", loss]
     assert main(["train", *flags]) == 0
     summary = json.loads((tmp_path / "out" / "train_results.json").read_text())
     assert summary["method"] == "dpo" and summary["preference"]["reference"] == "frozen copy"
-    assert summary["losses"][0]["loss"] < math.log(2) + 1e-3 and summary["losses"][-1]["loss"] < 0.4
+    assert summary["preference"]["loss"] == loss
+    start = math.log(2) if loss == "sigmoid" else (1 / (2 * 0.1)) ** 2  # the loss at zero margin
+    assert summary["losses"][0]["loss"] < start + 1e-3 and summary["losses"][-1]["loss"] < 0.6 * start
     held_out = [e for e in summary["rewards"] if "eval_rewards/margins" in e]
     assert held_out[0]["eval_rewards/margins"] == 0  # before training the policy is its reference
     assert held_out[-1]["eval_rewards/margins"] > 1 and held_out[-1]["eval_rewards/accuracies"] == 1
@@ -208,6 +212,8 @@ def test_lora_dpo_trains_only_the_adapter_against_the_base(quantised, tiny_llama
     ("sft", "pairs", [], "preference pairs (chosen/rejected): train them with --method dpo"),
     ("dpo", "alpaca", [], "--method dpo trains on preference pairs"),
     ("dpo", "pairs", ["--packing", "True"], "without --packing and --padding_free"),
+    ("dpo", "pairs", ["--beta", "0"], "--beta 0: must be above 0"),
+    ("sft", "alpaca", ["--precompute_ref_log_probs", "True"], "--precompute_ref_log_probs is for --method dpo"),
 ])
 def test_method_and_data_must_agree(tiny_llama, tmp_path, capsys, method, data, extra, error):
     path = write_pairs(tmp_path / "pairs.json", count=8) if data == "pairs" else None

@@ -127,6 +127,10 @@ def train(
         stats = dataclasses.replace(stats, heldout=len(validation))
     train_examples = examples
     dpo = training_args.method == "dpo"
+    if training_args.precompute_ref_log_probs and not dpo:
+        raise ConfigError("--precompute_ref_log_probs is for --method dpo (the reference's log-probs of each pair)")
+    if dpo and training_args.beta <= 0:
+        raise ConfigError(f"--beta {training_args.beta:g}: must be above 0 (the strength of the pull to the reference)")
     if dpo and (data_args.packing or data_args.padding_free):
         raise ConfigError("--method dpo pads each batch of pairs (the policy and the reference read the same batch); "
                           "train it without --packing and --padding_free")
