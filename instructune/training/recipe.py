@@ -184,7 +184,8 @@ def train(
     target_logits = supports_target_logits(model)
     collator = Collator(tokenizer, flatten=data_args.padding_free or data_args.packing, target_logits_only=target_logits,
                         flash_attention="flash" in str(model.config._attn_implementation), pairs=dpo)
-    if training_args.bf16 and on_cpu() and quantization is None:  # a 4-bit base computes in its own dtype
+    # A 4-bit base computes in its own dtype; ZeRO-3 holds a partition of the weights until the engine runs them.
+    if training_args.bf16 and on_cpu() and quantization is None and not is_deepspeed_zero3_enabled():
         precision.check_bf16_on_cpu(training_args, model, collator, train_examples)
     method = {}  # DPO: its loss in compute_loss, with the reference
     if dpo:

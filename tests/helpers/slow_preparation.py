@@ -6,7 +6,7 @@ transformers 5 passes --ddp_timeout to the process group on GPUs but not with us
 _setup_devices leaves it out on that path), so the group is made here, with that timeout, as a GPU run's would be;
 the Trainer's PartialState then uses it.
 
-    PREPARE_SECONDS=8 GROUP_TIMEOUT=5 torchrun --nproc_per_node 2 tests/helpers/slow_preparation.py <train.py flags>
+    PREPARE_SECONDS=6 GROUP_TIMEOUT=4 torchrun --nproc_per_node 2 tests/helpers/slow_preparation.py <train.py flags>
 """
 
 import os
