@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from instructune.cli import main
 from instructune.data.batching import Collator
-from instructune.data.encode import DROPPED, encode_columns
+from instructune.data.encode import COLUMNS, DROPPED, PAIR_COLUMNS, encode_columns
 from instructune.data.formats import Message, to_conversations
 from instructune.data.sources import load_conversations
 from instructune.errors import DataError
@@ -71,7 +71,7 @@ def test_bad_pairs_are_refused_in_one_line_naming_the_record(tmp_path, record, e
 def test_a_pair_encodes_both_sides_and_is_dropped_whole(tiny_llama):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     pair, _ = to_conversations("r", {"prompt": USER, "chosen": GOOD, "rejected": BAD + " " + "very long " * 60})
-    columns = encode_columns(pair, tokenizer, "alpaca", 512)
+    columns = encode_columns(pair, tokenizer, "alpaca", 512, pairs=True)
     row = {name: values[0] for name, values in columns.items()}
     chosen_start, chosen_end = row["target_spans"]
     rejected_start, rejected_end = row["rejected_spans"]
@@ -79,8 +79,14 @@ def test_a_pair_encodes_both_sides_and_is_dropped_whole(tiny_llama):
     assert tokenizer.decode(row["rejected_ids"][rejected_start:rejected_end]).startswith(BAD)
     assert row["input_ids"][:chosen_start] == row["rejected_ids"][:rejected_start]  # the same prompt tokens
     assert row["rejected_length"] == len(row["rejected_ids"]) > row["length"]
-    dropped = encode_columns(pair, tokenizer, "alpaca", 128, overlong="drop")  # only the rejected side is too long
+    dropped = encode_columns(pair, tokenizer, "alpaca", 128, overlong="drop", pairs=True)  # only the rejected side is too long
     assert dropped["outcome"] == [DROPPED] and dropped["input_ids"] == [[]] and dropped["rejected_ids"] == [[]]
+    # Instruction data keeps the columns caches always had (no empty rejected_ columns, the same fingerprint)
+    instruction, _ = to_conversations("r", {"instruction": USER, "output": GOOD})
+    assert tuple(encode_columns(instruction, tokenizer, "alpaca", 512)) == COLUMNS
+    assert tuple(encode_columns(instruction + pair, tokenizer, "alpaca", 512, pairs=True)) == COLUMNS + PAIR_COLUMNS
+    with pytest.raises(ValueError, match="a preference pair, encoded without pairs=True"):
+        encode_columns(pair, tokenizer, "alpaca", 512)
 
 
 def hand_log_probs(model, ids: list[int], labels: list[int]) -> float:
@@ -100,7 +106,7 @@ def test_loss_and_rewards_equal_a_hand_computation(tiny_llama):
             parameter.add_(0.05 * torch.randn_like(parameter))
     records = [{"prompt": f"Question {i}: {USER}", "chosen": GOOD * (i + 1), "rejected": BAD} for i in range(3)]
     pairs = [c for r in records for c in to_conversations("r", r)[0]]
-    columns = encode_columns(pairs, tokenizer, "alpaca", 256)
+    columns = encode_columns(pairs, tokenizer, "alpaca", 256, pairs=True)
     rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
     batch = Collator(tokenizer, target_logits_only=True, pairs=True)(rows)
     labels = batch.pop("labels")

@@ -172,8 +172,10 @@ class CachedExamples(torch.utils.data.Dataset):
         """Tokens per example, from the length column (no pass over the examples); a pair's longer side."""
         import numpy as np
 
-        columns = self.rows.data
-        return np.maximum(columns.column("length").to_numpy(), columns.column("rejected_length").to_numpy())[self.indices]
+        columns, lengths = self.rows.data, self.rows.data.column("length").to_numpy()
+        if "rejected_length" in columns.column_names:
+            lengths = np.maximum(lengths, columns.column("rejected_length").to_numpy())
+        return lengths[self.indices]
 
     def select(self, positions) -> "CachedExamples":
         return CachedExamples(self.rows, self.indices[positions])

@@ -32,8 +32,8 @@ from functools import partial
 from pathlib import Path
 
 from instructune.data.batching import CachedExamples
-from instructune.data.encode import COLUMNS, DROPPED, DataStats, encode_columns, stats_of
-from instructune.data.formats import from_row
+from instructune.data.encode import COLUMNS, DROPPED, PAIR_COLUMNS, DataStats, encode_columns, stats_of
+from instructune.data.formats import PAIR_FORMATS, from_row
 from instructune.data.sources import DatasetSpec, load_mix, source_hash
 from instructune.errors import DataError
 from instructune.files import atomic_file, atomic_folder, cache_root, file_hash
@@ -41,7 +41,7 @@ from instructune.files import atomic_file, atomic_folder, cache_root, file_hash
 logger = logging.getLogger("instructune")
 
 # Bump when encode.py or templates.py change what an example is: old caches then miss.
-ENCODING_VERSION = 3
+ENCODING_VERSION = 2
 MARKER = "complete"  # written last: settings, row count, statistics and each file's hash
 SHARD_ROWS = 100_000  # rows tokenised per `map`: what a crash can lose, and the unit of the progress log
 WAIT_POLL_S = 1.0
@@ -137,23 +137,24 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
-def features(tokenizer):
-    """The cache's column types: ids in uint16 when the vocabulary fits (2 bytes a token, not int64's 8)."""
+def features(tokenizer, pairs: bool = False):
+    """The cache's column types: ids in uint16 when the vocabulary fits (2 bytes a token, not int64's 8); with
+    preference pairs, the rejected side's columns too."""
     import datasets
 
     ids = "uint16" if len(tokenizer) <= 1 << 16 else "int32"
-    return datasets.Features({"input_ids": datasets.List(datasets.Value(ids)),
-                              "target_spans": datasets.List(datasets.Value("int32")),
-                              "length": datasets.Value("int32"), "full_length": datasets.Value("int32"),
-                              "target_tokens": datasets.Value("int32"), "outcome": datasets.Value("uint8"),
-                              "rejected_ids": datasets.List(datasets.Value(ids)),
-                              "rejected_spans": datasets.List(datasets.Value("int32")),
-                              "rejected_length": datasets.Value("int32")})
+    types = {"input_ids": datasets.List(datasets.Value(ids)), "target_spans": datasets.List(datasets.Value("int32")),
+             "length": datasets.Value("int32"), "full_length": datasets.Value("int32"),
+             "target_tokens": datasets.Value("int32"), "outcome": datasets.Value("uint8")}
+    if pairs:
+        types.update(rejected_ids=datasets.List(datasets.Value(ids)),
+                     rejected_spans=datasets.List(datasets.Value("int32")), rejected_length=datasets.Value("int32"))
+    return datasets.Features(types)
 
 
-def _encode_batch(batch: dict, tokenizer, encoding: Encoding) -> dict:
+def _encode_batch(batch: dict, tokenizer, encoding: Encoding, pairs: bool) -> dict:
     return encode_columns([from_row(row) for row in batch["conversation"]], tokenizer, encoding.template,
-                          encoding.max_length, encoding.train_on_inputs, encoding.overlong)
+                          encoding.max_length, encoding.train_on_inputs, encoding.overlong, pairs)
 
 
 def _prepare_into(folder: Path, specs, tokenizer, encoding: Encoding, seed, strict, dedup, workers) -> None:
@@ -161,13 +162,15 @@ def _prepare_into(folder: Path, specs, tokenizer, encoding: Encoding, seed, stri
 
     work = folder.with_name(folder.name + ".work")  # kept across a crash: its finished shards are not redone
     mix = load_mix(specs, seed, strict, dedup, folder=work)
+    pairs = any(mix.formats.get(f) for f in PAIR_FORMATS)
     shards = []
     for number, start in enumerate(range(0, len(mix), SHARD_ROWS)):
         started, end = time.perf_counter(), min(start + SHARD_ROWS, len(mix))
         rows = mix.rows.select(range(start, end)) if (start, end) != (0, len(mix)) else mix.rows
         shards.append(rows.map(
-            partial(_encode_batch, tokenizer=tokenizer, encoding=encoding), batched=True, batch_size=1000,
-            num_proc=workers if workers and workers > 1 and end - start > 1 else None, features=features(tokenizer),
+            partial(_encode_batch, tokenizer=tokenizer, encoding=encoding, pairs=pairs), batched=True, batch_size=1000,
+            num_proc=workers if workers and workers > 1 and end - start > 1 else None,
+            features=features(tokenizer, pairs),
             remove_columns=["conversation"], cache_file_name=str(work / f"tokens-{number:05d}.arrow"),
             new_fingerprint=f"{folder.name}-{number:05d}", desc=f"tokenising {start:,}-{end:,} of {len(mix):,}"))
         logger.info("prepared rows %d-%d of %d in %.1f s", start, end, len(mix), time.perf_counter() - started)
@@ -238,7 +241,7 @@ def _load_checked(folder: Path, trusted: bool = False) -> tuple | None:
                 file_hash(folder / name) != marker["files"][name] for name in files):
             raise ValueError("its files differ from those it was written with")
         rows = _token_rows(folder)
-        if len(rows) != marker["rows"] or rows.column_names != list(COLUMNS):
+        if len(rows) != marker["rows"] or rows.column_names not in (list(COLUMNS), list(COLUMNS + PAIR_COLUMNS)):
             raise ValueError(f"{len(rows)} rows of {rows.column_names}, {marker['rows']} of {list(COLUMNS)} written")
         return rows, marker
     except FileNotFoundError as e:

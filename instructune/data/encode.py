@@ -54,7 +54,8 @@ def encode_conversations(conversations: list[Conversation], tokenizer, template:
     """Examples with input_ids, attention_mask and labels; examples too long are truncated or dropped.
     `options`: train_on_inputs, overlong, as for encode_columns. In memory: for small data and tests; training
     reads the same rows from the cache (cache.py)."""
-    columns = encode_columns(conversations, tokenizer, template, max_length, **options)
+    pairs = any(c.rejected is not None for c in conversations)
+    columns = encode_columns(conversations, tokenizer, template, max_length, pairs=pairs, **options)
     rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
     examples = [example(row) for row in rows if row["outcome"] != DROPPED]
     return examples, stats_of(columns["outcome"], columns["full_length"])
@@ -86,12 +87,14 @@ def encode_columns(
     max_length: int,
     train_on_inputs: bool = False,
     overlong: str = "truncate",
+    pairs: bool = False,
 ) -> dict[str, list]:
     """One row per conversation: input_ids and labels (empty if dropped), its length before truncation and
     its outcome (KEPT, TRUNCATED or DROPPED); the shape of a batched `datasets` map (see cache.py).
 
-    A preference pair's row also holds its rejected conversation's ids and spans (the rejected_ columns; empty for
-    an instruction record); its outcome is the worse of the two sides' (both are kept, or neither)."""
+    `pairs` (data with preference pairs): each row also holds its rejected conversation's ids, spans and length
+    (PAIR_COLUMNS; empty for an instruction record); a pair's outcome is the worse of its two sides' (both are
+    kept, or neither). Without it the columns are an instruction dataset's alone, as caches always had them."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; the model could never learn to stop")
     if not tokenizer.chat_template:
@@ -99,11 +102,14 @@ def encode_columns(
             reason = "a multi-turn conversation" if needing.multi_turn else "--prompt_template chat"
             raise DataError(f"{needing.source}: {reason} is rendered with the tokenizer's chat template, and "
                             f"{tokenizer.name_or_path} has none")
-    pairs = [i for i, c in enumerate(conversations) if c.rejected is not None]
-    encoded = _encode(conversations + [conversations[i].with_rejected_reply() for i in pairs], tokenizer, template,
+    paired = [i for i, c in enumerate(conversations) if c.rejected is not None]
+    if paired and not pairs:
+        raise ValueError(f"{conversations[paired[0]].source}: a preference pair, encoded without pairs=True")
+    encoded = _encode(conversations + [conversations[i].with_rejected_reply() for i in paired], tokenizer, template,
                       max_length, train_on_inputs, overlong)
-    rejected = dict(zip(pairs, encoded[len(conversations):]))
-    columns = {name: [] for name in COLUMNS}
+    rejected = dict(zip(paired, encoded[len(conversations):]))
+    names = COLUMNS + PAIR_COLUMNS if pairs else COLUMNS
+    columns = {name: [] for name in names}
     for i, (input_ids, spans, full_length, targets, outcome) in enumerate(encoded[:len(conversations)]):
         other_ids, other_spans = [], []
         if i in rejected:
@@ -111,8 +117,8 @@ def encode_columns(
             outcome = max(outcome, other_outcome)
             if outcome == DROPPED:
                 input_ids, spans, other_ids, other_spans = [], [], [], []
-        for name, value in zip(COLUMNS, (input_ids, spans, len(input_ids), full_length, targets, outcome, other_ids,
-                                         other_spans, len(other_ids))):
+        for name, value in zip(names, (input_ids, spans, len(input_ids), full_length, targets, outcome, other_ids,
+                                       other_spans, len(other_ids))):
             columns[name].append(value)
     return columns
 
@@ -176,10 +182,10 @@ def token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[lis
 
 
 # The columns of a tokenised conversation (one row each): its ids; its targets as [start, end) pairs (no second id
-# column); its length, and its length and target count before truncation (for `data inspect`); its outcome; a
-# preference pair's rejected conversation: its ids, target spans and length (empty and 0 for other records).
-COLUMNS = ("input_ids", "target_spans", "length", "full_length", "target_tokens", "outcome", "rejected_ids",
-           "rejected_spans", "rejected_length")
+# column); its length, and its length and target count before truncation (for `data inspect`); its outcome. Data with
+# preference pairs also has, per row, the rejected conversation's ids, target spans and length.
+COLUMNS = ("input_ids", "target_spans", "length", "full_length", "target_tokens", "outcome")
+PAIR_COLUMNS = ("rejected_ids", "rejected_spans", "rejected_length")
 
 
 def _non_empty(spans: list[int]) -> list[int]:

@@ -29,6 +29,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 FORMATS = ("alpaca", "dolly", "self-instruct", "sharegpt", "messages", "preference", "hh")
 CHAT_FORMATS = ("sharegpt", "messages", "hh")  # multi-turn: rendered with the tokenizer's chat template
+PAIR_FORMATS = ("preference", "hh")  # chosen/rejected pairs: --method dpo
 EXPECTED = ("instruction/output (Alpaca), instruction/context/response (Dolly), instruction/instances "
             "(Self-Instruct), conversations [{from, value}] (ShareGPT), messages [{role, content}], "
             "prompt/chosen/rejected (preference pairs) or chosen/rejected transcripts (HH)")

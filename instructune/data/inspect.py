@@ -61,9 +61,8 @@ def inspect(specs: list[DatasetSpec], tokenizer, template: str, max_length: int,
                    (("prompt", prompt), ("response", response), ("total", total))},
         "cache": str(prepared.folder),
     }
-    pairs = int((columns.column("rejected_length").to_numpy() > 0).sum())
-    if pairs:
-        summary["preference_pairs"] = pairs
+    if "rejected_length" in columns.column_names:
+        summary["preference_pairs"] = int((columns.column("rejected_length").to_numpy() > 0).sum())
     rows = conversations(prepared.folder)
     shown = [shown_example(from_row(rows[i]["conversation"]), template, tokenizer) for i in range(min(show, len(rows)))]
     return summary, shown, {"prompt": prompt, "response": response, "total": total}

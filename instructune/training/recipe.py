@@ -19,6 +19,7 @@ from instructune.config.device import on_cpu
 from instructune.data import DatasetSpec, DataStats, hold_out, parse_datasets
 from instructune.data.batching import Collator
 from instructune.data.cache import Encoding, prepare
+from instructune.data.formats import PAIR_FORMATS
 from instructune.errors import ConfigError, DataError, UserError
 from instructune.eval.harness import LmEvalCallback
 from instructune.modeling import adapters, models
@@ -69,9 +70,6 @@ def lm_eval_callback(args: TrainingArguments) -> LmEvalCallback:
                           "the saved model with `instructune eval` (ZeRO-3 and FSDP split the model across processes)")
     return LmEvalCallback([t.strip() for t in args.eval_tasks.split(",") if t.strip()], args.eval_tasks_steps,
                           args.eval_tasks_num_fewshot, args.eval_tasks_limit, args.eval_tasks_include_path)
-
-
-PAIR_FORMATS = ("preference", "hh")
 
 
 def check_method_fits_data(method: str, formats: dict[str, int], specs: list[DatasetSpec]) -> None:
