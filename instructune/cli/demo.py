@@ -15,7 +15,8 @@ DEMO_QUESTIONS = [
 
 def main(argv: list[str]) -> int:
     from instructune.config import parse_train_args
-    from instructune.inference.answers import answer
+    from instructune.data.prompts import Prompt
+    from instructune.inference.answers import answer_all
     from instructune.inference.engine import Sampling, load
     from instructune.training import recipe
 
@@ -26,10 +27,9 @@ def main(argv: list[str]) -> int:
     def show(title: str, model_path: str) -> None:
         engine = load(model_path, template=data_args.prompt_template)
         print(f"\n=== {title} ({model_path})")
-        for instruction, input in DEMO_QUESTIONS:
-            question = f"{instruction} {input}".strip()
-            reply = answer(engine, instruction, input, sampling=Sampling(max_new_tokens=48))
-            print(f"Q: {question}\nA: {reply}\n")
+        questions = [Prompt(instruction, input) for instruction, input in DEMO_QUESTIONS]
+        for question, reply in answer_all(engine, questions, Sampling(max_new_tokens=48)):  # one batch
+            print(f"Q: {f'{question.instruction} {question.input}'.strip()}\nA: {reply}\n")
 
     show("before fine-tuning", model_args.model_name_or_path)
     outcome = recipe.train(model_args, data_args, training_args)
