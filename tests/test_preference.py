@@ -307,3 +307,18 @@ def test_pairs_mix_dedup_and_inspect(smollm2, tmp_path, capsys):
     assert summary["preference_pairs"] == summary["records"] == len(shipped) + 2
     printed = capsys.readouterr().out
     assert "(rejected instead:) ⟦" in printed and f"preference pairs: {len(shipped) + 2}" in printed
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_weighs_every_pair_the_same(tiny_llama, tmp_path):
+    """4 pairs a step at once, or as 2 micro-batches of 2: the same SGD steps (the loss is a mean over the pairs of a
+    micro-batch, divided by the accumulation steps)."""
+    data = write_pairs(tmp_path / "pairs.json", count=16)
+    runs = {}
+    for name, batch, accumulation in (("whole", "4", "1"), ("accumulated", "2", "2")):
+        flags = dpo_flags(tiny_llama, data, tmp_path / name, steps=4, learning_rate=0.05)
+        flags[flags.index("--per_device_train_batch_size") + 1] = batch
+        assert main(["train", *flags, "--optim", "sgd", "--gradient_accumulation_steps", accumulation,
+                     "--max_grad_norm", "0"]) == 0  # no clipping: it would hide a wrongly scaled gradient
+        runs[name] = weights(tmp_path / name)
+    assert max_difference(runs["accumulated"], runs["whole"]) < 1e-6
