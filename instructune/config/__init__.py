@@ -5,9 +5,10 @@ strategy; device.py: the CPU's adjustments), and HfArgumentParser turns it into 
 `--strategy auto` is resolved before that parse by the caller's planner, from typed values of the same flags.
 """
 
-from typing import Callable
+from __future__ import annotations
 
-from instructune.config.args import DataArguments, ModelArguments, TrainingArguments
+from typing import TYPE_CHECKING, Callable
+
 from instructune.config.argv import (
     RESOURCES,
     STRATEGIES,
@@ -20,8 +21,23 @@ from instructune.config.argv import (
 from instructune.config.device import adjust_for_device, device_flags
 from instructune.errors import ConfigError
 
+if TYPE_CHECKING:
+    from instructune.config.args import DataArguments, ModelArguments, TrainingArguments
+
 __all__ = ["DataArguments", "ModelArguments", "TrainingArguments", "RESOURCES", "STRATEGIES", "parse_train_args",
            "planner_view", "shipped"]
+
+
+
+def __getattr__(name: str):
+    """The three dataclasses, imported when first asked for: they import transformers' Trainer stack (peft,
+    bitsandbytes: ~5 s), which commands that only read config.device (serve, generate, --help) never need."""
+    if name in ("DataArguments", "ModelArguments", "TrainingArguments"):
+        from instructune.config import args
+
+        return getattr(args, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # What --strategy auto's planner reads of the training arguments, with TrainingArguments' own defaults and types.
 PLANNED_TRAINING_FIELDS = ("model_max_length", "per_device_train_batch_size", "gradient_checkpointing")
@@ -34,6 +50,8 @@ def parse_train_args(argv: list[str], choose_strategy: Callable | None = None
     `choose_strategy(model_args, training_view) -> name` resolves `--strategy auto` (the planner, which config does
     not import: training's); it sees the typed values the run will use, bare flags and legacy names included."""
     from transformers import HfArgumentParser
+
+    from instructune.config.args import DataArguments, ModelArguments, TrainingArguments
 
     flags = translate_legacy_flags(expand_config_file(argv))
     if chosen_strategy(flags) == "auto":
@@ -58,6 +76,8 @@ def planner_view(flags: list[str]):
 
     from transformers import HfArgumentParser
 
+    from instructune.config.args import DataArguments, ModelArguments, TrainingArguments
+
     fields = {f.name: f for f in dataclasses.fields(TrainingArguments)}
     view = dataclasses.make_dataclass("PlannedTraining", [
         (name, fields[name].type, dataclasses.field(default=fields[name].default, metadata=fields[name].metadata))
@@ -69,6 +89,8 @@ def planner_view(flags: list[str]):
 
 def train_parser_help(prog: str) -> str:
     from transformers import HfArgumentParser
+
+    from instructune.config.args import DataArguments, ModelArguments, TrainingArguments
 
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog=prog)
     return parser.format_help() + (
