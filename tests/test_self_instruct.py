@@ -135,7 +135,7 @@ def random_instructions(count: int, seed: int) -> list[str]:
     return texts
 
 
-@pytest.mark.parametrize("seed, count", [(0, 500), pytest.param(1, 1500, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("seed, count", [(0, 500), pytest.param(1, 1000, marks=pytest.mark.slow)])
 def test_the_fast_filter_makes_the_naive_filters_decisions(seed, count):
     pool_texts = random_instructions(40, seed + 100)
     fast = NoveltyFilter(pool_texts)
