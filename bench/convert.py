@@ -22,6 +22,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+from random_model import random_llama  # noqa: E402  (bench/ is the script's folder)
+
 WRAPPER = """
 import json, resource, subprocess, sys, time
 start = time.perf_counter()
@@ -40,20 +43,6 @@ def measure(command: list[str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-RANDOM_LLAMA = """
-import sys, torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from instructune.modeling.builtin import builtin_model_path
-tokenizer = AutoTokenizer.from_pretrained(builtin_model_path("smollm2-135m"))
-torch.manual_seed(0)
-config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=2816, num_hidden_layers=int(sys.argv[2]),
-                     num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False,
-                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-LlamaForCausalLM(config).save_pretrained(sys.argv[1], max_shard_size="500MB")
-tokenizer.save_pretrained(sys.argv[1])
-"""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, help="a random LLaMA with this many layers instead of SmolLM2-135M")
@@ -62,9 +51,7 @@ def main() -> None:
         work = Path(work)
         model = "smollm2-135m"
         if args.layers:
-            model = str(work / "random-llama")
-            subprocess.run([sys.executable, "-c", RANDOM_LLAMA, model, str(args.layers)], cwd=REPO, check=True,
-                           capture_output=True)
+            model = random_llama(work / "random-llama", "420m", args.layers)
         train = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29670", "train.py",
              "--model_name_or_path", model, "--data_path", "alpaca_data.json", "--output_dir", str(work / "run"),

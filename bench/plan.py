@@ -1,5 +1,5 @@
 """The planner against measurement: predicted vs measured peak memory per process, as ratios, for SmolLM2-135M and a
-tiny LLaMA under DDP and ZeRO-3 on 2 processes (the CPU: peak RSS; on a GPU machine: peak GPU memory).
+tiny LLaMA under DDP and ZeRO-3 on 2 processes (--nproc) (the CPU: peak RSS; on a GPU machine: peak GPU memory).
 
 Each run trains through train.py's own flags on sequences that all reach model_max_length (the sample data's
 instructions with long answers, truncated), so that the planned length is the one trained. The planner is given what
@@ -22,12 +22,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from random_model import random_llama  # bench/ is the script's folder
+
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
 
 
 def child(mode: str, flags: list[str]) -> None:
-    """One process of a 2-process run: trains (or, for 'baseline', only starts up), then prints its peak as JSON."""
+    """One process of the run: trains (or, for 'baseline', only starts up), then prints its peak as JSON."""
     import torch
 
     sys.path.insert(0, str(REPO))
@@ -56,13 +58,13 @@ def child(mode: str, flags: list[str]) -> None:
     distributed.exit_process(0)
 
 
-def run_two(mode: str, flags: list[str], port: int) -> int:
-    """The larger peak of the two processes."""
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+def run_processes(mode: str, flags: list[str], port: int, nproc: int) -> int:
+    """The largest peak of the run's processes."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                              str(port), __file__, "--child", mode, *flags], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     peaks = [json.loads(found)["peak"] for found in re.findall(r"PEAK (\{.*?\})", result.stdout)]  # lines may interleave
-    if result.returncode or len(peaks) != 2:
+    if result.returncode or len(peaks) != nproc:
         raise SystemExit(f"{mode} {flags[:2]} failed:\n{result.stderr[-3000:]}")
     return max(peaks)
 
@@ -70,20 +72,6 @@ def run_two(mode: str, flags: list[str], port: int) -> int:
 def long_records(path: Path) -> None:
     records = json.loads((REPO / "alpaca_data.json").read_text())
     path.write_text(json.dumps([{**r, "output": (r["output"] + " ") * 200} for r in records]))
-
-
-def tiny_llama(folder: Path, tokenizer_from: str) -> str:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def main() -> None:
@@ -94,6 +82,8 @@ def main() -> None:
     parser.add_argument("--micro_batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--gpu", action="store_true", help="bf16 on GPUs: peak GPU memory")
+    parser.add_argument("--nproc", type=int, default=2, help="processes (GPUs) per run")
+    parser.add_argument("--strategies", nargs="+", default=["ddp", "zero3"], choices=["ddp", "zero3"])
     args = parser.parse_args()
     if args.child:
         return child(args.child[0], args.child[1:])
@@ -106,23 +96,23 @@ def main() -> None:
     data = work_dir / "long.json"
     long_records(data)
     smollm2 = str(builtin_model_path("smollm2-135m"))
-    models = {"model": args.model} if args.model else {"smollm2": smollm2, "tiny": tiny_llama(work_dir / "tiny", smollm2)}
+    models = {"model": args.model} if args.model else {"smollm2": smollm2, "tiny": random_llama(work_dir / "tiny")}
     port = iter(range(29650, 29700))
-    baseline = run_two("baseline", [], next(port))
+    baseline = run_processes("baseline", [], next(port), args.nproc)
     print(f"runtime overhead (a process that imported everything and joined the group): {baseline / GIB:.2f} GiB")
     ratios, rows = {}, []
     for name, model in models.items():
-        for strategy in ("ddp", "zero3"):
+        for strategy in args.strategies:
             out = work_dir / f"{name}-{strategy}"
             flags = ["--model_name_or_path", model, "--data_path", str(data), "--output_dir", str(out),
                      "--max_steps", str(args.steps), "--per_device_train_batch_size", str(args.micro_batch),
                      "--model_max_length", str(args.seq_len), "--learning_rate", "1e-5", "--save_strategy", "no",
                      "--report_to", "none", "--logging_steps", "1", "--disable_tqdm", "True", "--strategy", strategy,
                      *(["--bf16", "True"] if args.gpu else [])]
-            measured = run_two("train", flags, next(port))
+            measured = run_processes("train", flags, next(port), args.nproc)
             stats = json.loads((out / "train_results.json").read_text())
             fraction = stats["speed"]["target_tokens_per_second"] / stats["speed"]["tokens_per_second"]
-            hardware = Hardware(gpus=2, nodes=1, device="gpu" if args.gpu else "cpu", runtime_overhead=baseline)
+            hardware = Hardware(gpus=args.nproc, nodes=1, device="gpu" if args.gpu else "cpu", runtime_overhead=baseline)
             work = Workload(args.seq_len, args.micro_batch, target_fraction=fraction)
             option = next(o for o in plan(shape_of(model), hardware, work) if o.strategy == strategy)
             ratios[f"ratio_{name}_{strategy}"] = option.gpu_total_bytes / measured
@@ -130,7 +120,7 @@ def main() -> None:
                         f"{measured / GIB:6.2f} GiB  ratio {option.gpu_total_bytes / measured:5.2f}  (states "
                         f"{option.gpu_model_states_bytes / GIB:.2f}, activations {option.gpu_activations_bytes / GIB:.2f},"
                         f" logits {option.gpu_logits_bytes / GIB:.2f}, targets {fraction:.0%})")
-    print(f"\npeak {'GPU memory' if args.gpu else 'RSS'} per process, 2 processes, micro-batch {args.micro_batch} × "
+    print(f"\npeak {'GPU memory' if args.gpu else 'RSS'} per process, {args.nproc} processes, micro-batch {args.micro_batch} × "
           f"{args.seq_len} tokens, {args.steps} steps:")
     print("\n".join(rows))
     print(" ".join(f"{k}={v:.3f}" for k, v in ratios.items()))

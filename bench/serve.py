@@ -159,11 +159,14 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--think_s", type=float, default=0.25, help="mean wait of a client before each request")
     parser.add_argument("--skip_transformers", action="store_true", help="leave out transformers' manager")
+    parser.add_argument("--skip_one_at_a_time", action="store_true", help="leave out the one-request-at-a-time server")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     prompts = questions(args.requests)
     figures: dict[str, dict[int, dict]] = {}
     for mode, options in SERVERS.items():
+        if mode == "one at a time" and args.skip_one_at_a_time:
+            continue
         server, port = serve(args.model, options, max(levels))
         try:
             http_request(port, prompts[0], 4)  # warm-up

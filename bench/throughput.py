@@ -6,10 +6,10 @@ Ours: tokenised in batches and cached; logits and loss at target positions only 
 fused kernel, on padded batches (instructune's default), padding-free batches (the same examples per
 step, flattened) and packed rows (best fit decreasing); and two ablations of padding-free that undo
 one thing each (all logits; AdamW stepped tensor by tensor, as Alpaca's adamw_torch).
-Every pipeline trains SmolLM2-135M (the built-in model) for one epoch over the same fixed subset of
+Every pipeline trains SmolLM2-135M (the built-in model; --model: another with SmolLM2's tokenizer) for one epoch over the same fixed subset of
 `../shared/data/random_9k.json` with AdamW, in one process, one after another, and is measured by the
 same speed meter (instructune/training/speed.py: steady state after 2 warm-up steps). Tokenisation is timed on
-all 9,229 records: the reference loop, our cold (cache miss) and warm (cache hit) runs.
+all 9,229 records (--records N: the first N): the reference loop, our cold (cache miss) and warm (cache hit) runs.
 
     .venv/bin/python bench/throughput.py                         # ~12 minutes on 2 CPU cores
     .venv/bin/python bench/throughput.py --examples 64 --pipelines reference padding_free
@@ -37,7 +37,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from instructune.modeling import models  # noqa: E402
-from instructune.modeling.builtin import builtin_model_path  # noqa: E402
 from instructune.data import IGNORE_INDEX, DatasetSpec  # noqa: E402
 from instructune.data.batching import Collator, pack  # noqa: E402
 from instructune.data.cache import Encoding, conversations, prepare  # noqa: E402
@@ -117,14 +116,18 @@ def train_speed(name: str, model_path: str, tokenizer, dataset, collator, batch_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="a model folder with SmolLM2's tokenizer (such as "
+                        "bench/random_model.py makes) instead of SmolLM2-135M")
     parser.add_argument("--examples", type=int, default=128, help="training examples, a fixed random subset")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--pipelines", nargs="+", default=PIPELINES, choices=PIPELINES)
+    parser.add_argument("--records", type=int, default=10**9, help="tokenise only the first N records of the data "
+                        "(and draw the training examples from them): a shorter run")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--bf16", action="store_true", help="on the CPU, train in bf16 autocast (fast on CPUs with AMX "
                         "or AVX-512-BF16; a GPU always trains in bf16); MFU is then against the measured bf16 peak")
-    parser.add_argument("--attention", choices=["sdpa", "eager", "flex_attention"], default=None,
+    parser.add_argument("--attention", choices=["sdpa", "eager", "flex_attention", "flash_attention_2"], default=None,
                         help="attention implementation of our pipelines (default: flash-attention on a GPU that has it, "
                         "else sdpa); the reference keeps the default")
     parser.add_argument("--torch_compile", action="store_true", help="compile our pipelines' models (torch.compile)")
@@ -132,13 +135,18 @@ def main() -> None:
     if not DATA.exists():
         sys.exit(f"skipped: {DATA} is absent (the shared data folder is not beside the repo)")
     torch.manual_seed(0)
-    model_path = str(builtin_model_path("smollm2-135m"))
+    model_path = models.resolve_model_path(options.model)
     tokenizer = models.load_tokenizer(model_path)
     models.add_missing_special_tokens(tokenizer, "[PAD]")
+    data = DATA
     records = json.loads(DATA.read_text())
-    specs = [DatasetSpec(str(DATA))]
+    if options.records < len(records):  # the first N records, in a file of their own
+        records = records[: options.records]
+        data = Path(tempfile.mkdtemp(prefix="instructune-bench-")) / f"first_{options.records}.json"
+        data.write_text(json.dumps(records))
+    specs = [DatasetSpec(str(data))]
 
-    print(f"tokenising {len(records)} records ({DATA.name}), SmolLM2's tokenizer, max length {options.max_length}")
+    print(f"tokenising {len(records)} records ({data.name}), SmolLM2's tokenizer, max length {options.max_length}")
     started = time.perf_counter()
     alpaca_tokenise(records, tokenizer, options.max_length)
     reference_s = time.perf_counter() - started
@@ -161,7 +169,7 @@ def main() -> None:
     usable = [i for i in chosen if records[i]["output"].strip()]  # the same records in both pipelines
     reference_examples = alpaca_tokenise([records[i] for i in usable], tokenizer, options.max_length)
     position = {source: n for n, source in enumerate(sources)}
-    ours = [example(prepared.rows[position[f"{DATA}: record {i}"]]) for i in usable]
+    ours = [example(prepared.rows[position[f"{data}: record {i}"]]) for i in usable]
     ours = [{k: e[k] for k in ("input_ids", "labels")} for e in ours]
     # The same records; a few differ by a token where Alpaca tokenises prompt and response as one text.
     reference_tokens, our_tokens = (sum(len(e["input_ids"]) for e in s) for s in (reference_examples, ours))
