@@ -10,10 +10,10 @@
 #   4. full fine-tuning, LoRA and QLoRA of the ~1B model: step time and peak memory (bench/adapters.py);
 #   5. the server's requests/s, tokens/s and time to first token at 1, 8 and 32 clients (bench/serve.py).
 # Each step has a time limit; a step that fails or runs out of time is recorded as such and the others still run
-# (the exit status is then 1).
+# (the exit status is then 1). The steps run one at a time, each with the machine to itself.
 #
 #   bash bench/gpu.sh                 # on a GPU machine set up by scripts/setup.sh with a CUDA torch (TORCH_SPEC)
-#   bash bench/gpu.sh --dry-run       # the same steps on the CPU at toy sizes (~2 minutes): the script works
+#   bash bench/gpu.sh --dry-run       # the same steps on the CPU at toy sizes, two at a time (~1 minute)
 #   options: --out FILE (default bench/results/gpu-<date>.md; with --dry-run, /tmp/instructune-gpu-dry-run.md),
 #            PYTHON=<interpreter> (default .venv/bin/python)
 set -uo pipefail
@@ -38,54 +38,63 @@ if [ "$DRY" = 0 ] && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_a
 fi
 [ -n "$OUT" ] || OUT=$([ "$DRY" = 1 ] && echo "${TMPDIR:-/tmp}/instructune-gpu-dry-run.md" || echo "bench/results/gpu-$(date +%F).md")
 
-FAILED=0
-: > "$WORK/table" && : > "$WORK/sections"
-# step NAME SECONDS COMMAND...: runs COMMAND with a time limit and records its status, time, last line and output.
+ORDER=()
+# step NAME SECONDS COMMAND...: runs COMMAND with a time limit; writes its table row and its section (status, time,
+# last line, output) to $WORK/NAME.row and NAME.section.
 step() {
-    local name=$1 limit=$2 started status
+    local name=$1 limit=$2 started status seconds last
     shift 2
     echo "== $name (at most ${limit} s): $*" >&2
     started=$(date +%s)
     timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$WORK/$name.log" 2>&1
     case $? in
         0) status=ok ;;
-        124|137) status="timed out after ${limit} s"; FAILED=1 ;;
-        *) if tail -n 1 "$WORK/$name.log" | grep -q "^skipped"; then status=skipped; else status="failed"; FAILED=1; fi ;;
+        124|137) status="timed out after ${limit} s" ;;
+        *) if tail -n 1 "$WORK/$name.log" | grep -q "^skipped"; then status=skipped; else status=failed; fi ;;
     esac
-    local seconds=$(( $(date +%s) - started )) last
+    seconds=$(( $(date +%s) - started ))
     last=$(grep -v '^\s*$' "$WORK/$name.log" | tail -n 1 | cut -c1-300)
-    echo "   $status in ${seconds} s: $last" >&2
-    echo "| $name | $status | $seconds | \`$last\` |" >> "$WORK/table"
+    echo "   $name: $status in ${seconds} s: $last" >&2
+    echo "| $name | $status | $seconds | \`$last\` |" > "$WORK/$name.row"
     { echo; echo "## $name"; echo; echo "\`$*\` — $status in $seconds s"; echo; echo '```'
-      grep -v "it/s]\|s/it]" "$WORK/$name.log" | tail -n 60; echo '```'; } >> "$WORK/sections"
+      grep -v "it/s]\|s/it]" "$WORK/$name.log" | tail -n 60; echo '```'; } > "$WORK/$name.section"
 }
-skip() { echo "| $1 | skipped | 0 | $2 |" >> "$WORK/table"; echo "== $1: skipped: $2" >&2; }
+# run NAME SECONDS COMMAND...: on a GPU one step at a time (each is a measurement); in a dry run two at a time (its
+# figures are toys: what it shows is that every step runs), so that it takes about a minute.
+run() {
+    ORDER+=("$1")
+    if [ "$DRY" = 0 ]; then step "$@"; return; fi
+    [ "$(jobs -rp | wc -l)" -lt 2 ] || wait -n
+    OMP_NUM_THREADS=1 step "$@" &
+}
+skip() { ORDER+=("$1"); echo "| $1 | skipped | 0 | $2 |" > "$WORK/$1.row"; echo "== $1: skipped: $2" >&2; }
 
 MODEL=$WORK/llama-1b
 if [ "$DRY" = 1 ]; then
-    step model 120 "$PY" bench/random_model.py "$MODEL" --size tiny
-    step throughput 300 "$PY" bench/throughput.py --model "$MODEL" --records 200 --examples 12 --batch_size 2 --max_length 128 --pipelines reference padding_free packing
+    ORDER+=(model); step model 120 "$PY" bench/random_model.py "$MODEL" --size tiny
+    run throughput 300 "$PY" bench/throughput.py --model "$MODEL" --records 200 --examples 12 --batch_size 2 --max_length 128 --pipelines reference padding_free packing
     skip throughput_flash "GPU only (flash-attention)"
     skip throughput_flex "GPU only (flex attention has no backward on the CPU)"
     skip throughput_compile "GPU only (compiling takes minutes on the CPU)"
-    step plan 300 "$PY" bench/plan.py --model "$MODEL" --nproc 1 --strategies ddp --steps 3 --seq_len 64 --micro_batch 2
-    step adapters 300 "$PY" bench/adapters.py --model "$MODEL" --steps 3
-    step serve 300 "$PY" bench/serve.py --model "$MODEL" --requests 3 --concurrency 1,2 --max_tokens 4 --think_s 0.05 --skip_transformers --skip_one_at_a_time
+    run plan 300 "$PY" bench/plan.py --model "$MODEL" --nproc 1 --strategies ddp --steps 3 --seq_len 64 --micro_batch 2
+    run adapters 300 "$PY" bench/adapters.py --model "$MODEL" --steps 3
+    run serve 300 "$PY" bench/serve.py --model "$MODEL" --requests 3 --concurrency 1,2 --max_tokens 4 --think_s 0.05 --skip_transformers --skip_one_at_a_time
 else
-    step model 60 "$PY" bench/random_model.py "$MODEL" --size 1b
-    step throughput 90 "$PY" bench/throughput.py --records 3000 --attention sdpa
+    ORDER+=(model); step model 60 "$PY" bench/random_model.py "$MODEL" --size 1b
+    run throughput 90 "$PY" bench/throughput.py --records 3000 --attention sdpa
     if "$PY" -c "import flash_attn" 2>/dev/null; then
-        step throughput_flash 40 "$PY" bench/throughput.py --model "$MODEL" --records 2000 --examples 64 --attention flash_attention_2 --pipelines reference padding_free packing
+        run throughput_flash 40 "$PY" bench/throughput.py --model "$MODEL" --records 2000 --examples 64 --attention flash_attention_2 --pipelines reference padding_free packing
     else
         skip throughput_flash "flash_attn is not installed"
     fi
-    step throughput_flex 45 "$PY" bench/throughput.py --model "$MODEL" --records 2000 --examples 64 --attention flex_attention --pipelines reference padding_free packing
-    step throughput_compile 75 "$PY" bench/throughput.py --model "$MODEL" --records 2000 --examples 128 --torch_compile --pipelines reference padding_free packing
-    step plan 55 "$PY" bench/plan.py --gpu --model "$MODEL" --nproc 1 --steps 4 --seq_len 1024 --micro_batch 4
-    step adapters 65 "$PY" bench/adapters.py --model "$MODEL" --steps 8
-    step serve 50 "$PY" bench/serve.py --requests 32 --concurrency 1,8,32
+    run throughput_flex 45 "$PY" bench/throughput.py --model "$MODEL" --records 2000 --examples 64 --attention flex_attention --pipelines reference padding_free packing
+    run throughput_compile 75 "$PY" bench/throughput.py --model "$MODEL" --records 2000 --examples 128 --torch_compile --pipelines reference padding_free packing
+    run plan 55 "$PY" bench/plan.py --gpu --model "$MODEL" --nproc 1 --steps 4 --seq_len 1024 --micro_batch 4
+    run adapters 65 "$PY" bench/adapters.py --model "$MODEL" --steps 8
+    run serve 50 "$PY" bench/serve.py --requests 32 --concurrency 1,8,32
 fi
 
+wait
 MACHINE=$("$PY" -c "import torch, transformers
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'the CPU (dry run)')
 print('torch', torch.__version__, '· CUDA', torch.version.cuda, '· transformers', transformers.__version__)" 2>&1)
@@ -97,7 +106,8 @@ mkdir -p "$(dirname "$OUT")"
     echo
     echo "| step | status | seconds | figures (the benchmark's last line) |"
     echo "|---|---|---|---|"
-    cat "$WORK/table" "$WORK/sections"
+    for name in "${ORDER[@]}"; do cat "$WORK/$name.row"; done
+    for name in "${ORDER[@]}"; do [ ! -f "$WORK/$name.section" ] || cat "$WORK/$name.section"; done
 } > "$OUT.tmp" && mv "$OUT.tmp" "$OUT"
 echo "bench/gpu.sh: wrote $OUT" >&2
-exit $FAILED
+for name in "${ORDER[@]}"; do grep -q "| \(ok\|skipped\) |" "$WORK/$name.row" || exit 1; done
