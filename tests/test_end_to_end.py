@@ -33,7 +33,7 @@ def test_fine_tune_smollm2_on_real_alpaca_records(smollm2, tmp_path, capsys):
     output_dir = tmp_path / "smollm2-tuned"
     assert main(["train", "--config", str(REPO / "configs" / "smollm2-135m-cpu.yaml"), "--data_path", str(data),
                  "--output_dir", str(output_dir), "--max_steps", "4", "--per_device_train_batch_size", "4",
-                 "--learning_rate", "1e-4", "--model_max_length", "128", "--disable_tqdm", "True",
+                 "--learning_rate", "1e-4", "--model_max_length", "64", "--disable_tqdm", "True",
                  "--max_shard_size", "200MB", "--val_set_size", "0"]) == 0
     summary = json.loads((output_dir / "train_results.json").read_text())
     losses = [e["loss"] for e in summary["losses"]]
