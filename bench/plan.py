@@ -1,5 +1,5 @@
 """The planner against measurement: predicted vs measured peak memory per process, as ratios, for SmolLM2-135M and a
-tiny LLaMA under DDP and ZeRO-3 on 2 processes (--nproc) (the CPU: peak RSS; on a GPU machine: peak GPU memory).
+tiny LLaMA under DDP and ZeRO-3 on 2 processes (--nproc; the CPU: peak RSS; on a GPU machine: peak GPU memory).
 
 Each run trains through train.py's own flags on sequences that all reach model_max_length (the sample data's
 instructions with long answers, truncated), so that the planned length is the one trained. The planner is given what
