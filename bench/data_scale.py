@@ -238,7 +238,7 @@ def main() -> None:
         def peak(size):
             return (results[size]["rss_self_kb"] + results[size]["rss_children_kb"]) / 2**20
 
-        slope = (peak(largest) - peak(smallest)) * 2**20 / (largest - smallest)
+        slope = (peak(largest) - peak(smallest)) * 2**20 / (largest - smallest) if largest > smallest else float("nan")
         print("peak RSS: " + ", ".join(f"{size:,}: {peak(size):.2f} GB" for size in options.sizes) +
               f"; slope {slope:.3f} kB per record")
 

@@ -37,3 +37,34 @@ def test_every_private_method_the_trainer_overrides_is_listed():
     """A new private override must be listed (and so tested) too."""
     private = {name for name in vars(InstructTrainer) if name.startswith("_") and not name.startswith("__")}
     assert private <= set(PRIVATE_HOOKS), private - set(PRIVATE_HOOKS)
+
+
+LLAMA2_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                   "{% elif m['role'] == 'assistant' %} {{ m['content'] }} {{ eos_token }}{% else %}<<SYS>>{{ m['content'] }}"
+                   "<</SYS>>{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("template", ["smollm2", "llama2"])
+def test_chat_rendering_is_apply_chat_templates(smollm2, template):
+    """data/templates.py renders chat templates through transformers' render_jinja_template, the step of
+    apply_chat_template that renders: the two give the same text, with and without a generation prompt, for a
+    template with a default system prompt (SmolLM2's) and one that writes the tokenizer's special tokens."""
+    from transformers import AutoTokenizer
+
+    from instructune.data.formats import Message
+    from instructune.data.templates import chat_messages, render_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    if template == "llama2":
+        tokenizer.chat_template = LLAMA2_TEMPLATE
+    conversations = [
+        [Message("user", "Name three colours.")],
+        [Message("system", "Be brief."), Message("user", "Translate.", "Bonjour  le monde"), Message("assistant", "Hello.")],
+        [Message("user", "Hi"), Message("assistant", "Hello!"), Message("user", "<|im_end|> and [INST] as text"),
+         Message("assistant", "Both.")],
+    ]
+    for messages in conversations:
+        for generation_prompt in (False, True):
+            expected = tokenizer.apply_chat_template(chat_messages(messages), tokenize=False,
+                                                     add_generation_prompt=generation_prompt)
+            assert render_chat(messages, tokenizer, generation_prompt) == expected

@@ -35,8 +35,20 @@ def render_prompt(template: str, messages: list[Message], tokenizer) -> str:
         pattern = ALPACA_WITH_INPUT if user.context else ALPACA_NO_INPUT
         return pattern.format(instruction=user.content, input=user.context)
     if template == "chat":
-        return tokenizer.apply_chat_template(chat_messages(messages), tokenize=False, add_generation_prompt=True)
+        return render_chat(messages, tokenizer, add_generation_prompt=True)
     raise ValueError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
+
+
+def render_chat(messages: list[Message], tokenizer, add_generation_prompt: bool = False) -> str:
+    """What tokenizer.apply_chat_template(chat_messages(messages), tokenize=False, add_generation_prompt=...) returns,
+    through the one step of it that renders (transformers' render_jinja_template, given what apply_chat_template gives
+    it): the call's own checks and normalisation are a third of its time, and preparing a chat record renders twice
+    per assistant turn. tests/test_library_hooks.py keeps the two equal; this can go if the call gets cheaper."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(conversations=[chat_messages(messages)], chat_template=tokenizer.get_chat_template(),
+                                        add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map)
+    return rendered[0]
 
 
 def chat_messages(messages) -> list[dict]:
@@ -60,7 +72,7 @@ def render_segments(conversation: Conversation, template: str, tokenizer) -> lis
         if message.role != "assistant":
             continue
         prompt = render_prompt("chat", messages[:i], tokenizer)
-        full = tokenizer.apply_chat_template(chat_messages(messages[: i + 1]), tokenize=False)
+        full = render_chat(messages[: i + 1], tokenizer)
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise DataError(f"{conversation.source}: the tokenizer's chat template does not render this conversation "
                             "turn by turn (a later turn changes an earlier one), so its targets cannot be marked")
