@@ -130,6 +130,28 @@ def test_duplicates_are_removed_across_sets(tmp_path):
     assert len(load_mix(parse_datasets(f"{a},{b}"), dedup=False).conversations) == 5
 
 
+@pytest.mark.parametrize("first, second, same", [
+    (("Say hi.", "", "Hi."), ("\tSAY\n hi. ", "", " hi.\n"), True),  # case and white space, at the ends too
+    (("Say", "hi.", "Hi."), ("Say hi.", "", "Hi."), False),  # the same words in other fields are not the same
+    (("Say hi.", "", "Hi. Bye."), ("Say hi. Hi.", "", "Bye."), False),
+    (("Say hi.", "", ""), ("Say hi.", "", " "), True),
+])
+def test_normalised_duplicates_compare_field_by_field(first, second, same):
+    """The normalised key is one text normalised at once: it equals normalising each field apart."""
+    from instructune.data.formats import Conversation, Message
+    from instructune.data.sources import _keys
+
+    def conversation(instruction, context, reply):
+        return Conversation((Message("user", instruction, context), Message("assistant", reply)), "alpaca", "x")
+
+    def apart(c):
+        return [(m.role, " ".join(m.content.lower().split()), " ".join(m.context.lower().split())) for m in c.messages]
+
+    one, two = conversation(*first), conversation(*second)
+    assert (apart(one) == apart(two)) == same
+    assert (_keys(one)[1] == _keys(two)[1]) == same and (_keys(one)[0] == _keys(two)[0]) == (one == two)
+
+
 def test_data_inspect(tmp_path, smollm2, capsys):
     share = write(tmp_path / "share.json", SHAREGPT, lines=False)
     assert main(["data", "inspect", str(SAMPLE_DATA), f"{share}:all", "--model_max_length", "128", "--output_dir",
