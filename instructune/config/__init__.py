@@ -28,7 +28,6 @@ __all__ = ["DataArguments", "ModelArguments", "TrainingArguments", "RESOURCES", 
            "planner_view", "shipped"]
 
 
-
 def __getattr__(name: str):
     """The three dataclasses, imported when first asked for: they import transformers' Trainer stack (peft,
     bitsandbytes: ~5 s), which commands that only read config.device (serve, generate, --help) never need."""
