@@ -138,11 +138,12 @@ def main() -> None:
     model_path = models.resolve_model_path(options.model)
     tokenizer = models.load_tokenizer(model_path)
     models.add_missing_special_tokens(tokenizer, "[PAD]")
+    work = Path(tempfile.mkdtemp(prefix="instructune-bench-"))  # the cache, and a file of the first N records
     data = DATA
     records = json.loads(DATA.read_text())
-    if options.records < len(records):  # the first N records, in a file of their own
+    if options.records < len(records):
         records = records[: options.records]
-        data = Path(tempfile.mkdtemp(prefix="instructune-bench-")) / f"first_{options.records}.json"
+        data = work / f"first_{options.records}.json"
         data.write_text(json.dumps(records))
     specs = [DatasetSpec(str(data))]
 
@@ -150,7 +151,7 @@ def main() -> None:
     started = time.perf_counter()
     alpaca_tokenise(records, tokenizer, options.max_length)
     reference_s = time.perf_counter() - started
-    cache = Path(tempfile.mkdtemp(prefix="instructune-bench-"))
+    cache = work / "cache"
     try:
         timings = []
         for _ in ("cold", "warm"):
@@ -160,7 +161,7 @@ def main() -> None:
             timings.append(time.perf_counter() - started)
         sources = [json.loads(row)["source"] for row in conversations(prepared.folder)["conversation"]]
     finally:
-        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     cold_s, warm_s = timings
     print(f"  reference (one call per text): {reference_s:.2f} s; ours: cold {cold_s:.2f} s, warm {warm_s:.2f} s "
           f"(cold {reference_s / cold_s:.1f}× faster)")
