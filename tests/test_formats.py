@@ -76,8 +76,8 @@ def test_alpaca_template_is_alpacas_byte_for_byte(smollm2, tmp_path):
     for context, pattern in (("", ALPACA_NO_INPUT), ("1, 2", ALPACA_WITH_INPUT)):
         rows = [{"instruction": "Add.", "input": context, "output": "3"}]
         (conversation,) = load_conversations(str(write(tmp_path / "d.jsonl", rows)))
-        assert render_segments(conversation, "alpaca", tokenizer) == [
-            (pattern.format(instruction="Add.", input=context), False), ("3", True)]
+        assert render_segments([conversation], "alpaca", tokenizer) == [[
+            (pattern.format(instruction="Add.", input=context), False), ("3", True)]]
 
 
 def test_every_assistant_turn_is_a_target_and_only_those(smollm2, tmp_path):
@@ -203,4 +203,23 @@ def test_a_chat_format_needs_a_chat_template(tiny_llama, tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {share}: record 0: a multi-turn conversation is rendered with the tokenizer's chat template, "
         f"and {tiny_llama} has none")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_chat_template_that_refuses_a_conversation_names_the_record(tiny_llama, tmp_path, capsys):
+    """Templates may refuse (Mistral's and Llama 2's: roles must alternate; some: no system prompt): rendering many
+    conversations in one call must still name the one refused, not end in a bare template error."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}"
+                               "{{ m['content'] }}{{ eos_token }}{% endfor %}")
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    share = write(tmp_path / "share.json", SHAREGPT[1:] + SHAREGPT[:1], lines=False)  # the second record has a system turn
+    assert main(["train", "--model_name_or_path", str(model), "--data_path", str(share),
+                 "--output_dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {share}: record 1: the tokenizer's chat template refuses this conversation: "
+        "TemplateError: System role not supported")
     assert not (tmp_path / "out").exists()

@@ -48,11 +48,12 @@ LLAMA2_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'us
 def test_chat_rendering_is_apply_chat_templates(smollm2, template):
     """data/templates.py renders chat templates through transformers' render_jinja_template, the step of
     apply_chat_template that renders: the two give the same text, with and without a generation prompt, for a
-    template with a default system prompt (SmolLM2's) and one that writes the tokenizer's special tokens."""
+    template with a default system prompt (SmolLM2's) and one that writes the tokenizer's special tokens; several
+    conversations rendered in one call as each is alone."""
     from transformers import AutoTokenizer
 
     from instructune.data.formats import Message
-    from instructune.data.templates import chat_messages, render_chat
+    from instructune.data.templates import chat_messages, render_chats
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     if template == "llama2":
@@ -63,8 +64,7 @@ def test_chat_rendering_is_apply_chat_templates(smollm2, template):
         [Message("user", "Hi"), Message("assistant", "Hello!"), Message("user", "<|im_end|> and [INST] as text"),
          Message("assistant", "Both.")],
     ]
-    for messages in conversations:
-        for generation_prompt in (False, True):
-            expected = tokenizer.apply_chat_template(chat_messages(messages), tokenize=False,
-                                                     add_generation_prompt=generation_prompt)
-            assert render_chat(messages, tokenizer, generation_prompt) == expected
+    for generation_prompt in (False, True):
+        expected = [tokenizer.apply_chat_template(chat_messages(messages), tokenize=False,
+                                                  add_generation_prompt=generation_prompt) for messages in conversations]
+        assert render_chats(conversations, tokenizer, generation_prompt) == expected  # all in one call

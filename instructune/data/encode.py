@@ -126,7 +126,8 @@ def encode_columns(
 def _encode(conversations: list[Conversation], tokenizer, template: str, max_length: int, train_on_inputs: bool,
             overlong: str) -> list[tuple]:
     """(input_ids, target spans, full length, target tokens, outcome) of each conversation."""
-    rendered = [(template_for(c, template), render_segments(c, template, tokenizer)) for c in conversations]
+    rendered = list(zip((template_for(c, template) for c in conversations),
+                        render_segments(conversations, template, tokenizer)))
     # One batched call per kind of segment: the first segment of an Alpaca-template example gets the
     # tokenizer's BOS, like Alpaca's prompts; chat templates write their own special tokens.
     first = [(t, i == 0) for t, segments in rendered for i in range(len(segments))]

@@ -70,9 +70,10 @@ def inspect(specs: list[DatasetSpec], tokenizer, template: str, max_length: int,
 
 def shown_example(conversation, template: str, tokenizer) -> str:
     """The rendered conversation, its targets marked; a pair's rejected reply after it, marked too."""
-    text = mark_targets(render_segments(conversation, template, tokenizer))
+    (segments,) = render_segments([conversation], template, tokenizer)
+    text = mark_targets(segments)
     if conversation.rejected is not None:
-        rejected = render_segments(conversation.with_rejected_reply(), template, tokenizer)[-1:]
+        rejected = render_segments([conversation.with_rejected_reply()], template, tokenizer)[0][-1:]
         text += f"\n  (rejected instead:) {mark_targets(rejected)}"
     return text
 

@@ -35,52 +35,78 @@ def render_prompt(template: str, messages: list[Message], tokenizer) -> str:
         pattern = ALPACA_WITH_INPUT if user.context else ALPACA_NO_INPUT
         return pattern.format(instruction=user.content, input=user.context)
     if template == "chat":
-        return render_chat(messages, tokenizer, add_generation_prompt=True)
+        return render_chats([messages], tokenizer, add_generation_prompt=True)[0]
     raise ValueError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
 
 
-def render_chat(messages: list[Message], tokenizer, add_generation_prompt: bool = False) -> str:
-    """What tokenizer.apply_chat_template(chat_messages(messages), tokenize=False, add_generation_prompt=...) returns,
-    through the one step of it that renders (transformers' render_jinja_template, given what apply_chat_template gives
-    it): the call's own checks and normalisation are a third of its time, and preparing a chat record renders twice
-    per assistant turn. tests/test_library_hooks.py keeps the two equal; this can go if the call gets cheaper."""
+def render_chats(chats: list[list[Message]], tokenizer, add_generation_prompt: bool = False) -> list[str]:
+    """What tokenizer.apply_chat_template(chat_messages(messages), tokenize=False, add_generation_prompt=...) returns
+    for each chat, through the one step of it that renders (transformers' render_jinja_template, given what
+    apply_chat_template gives it), all chats in one call: the call's own checks and normalisation, and the
+    per-call preparation of the template's arguments, are half the time of rendering a chat one call at a time,
+    and preparing a chat record renders twice per assistant turn. tests/test_library_hooks.py keeps the two
+    equal; this can go if the call gets cheaper."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    rendered, _ = render_jinja_template(conversations=[chat_messages(messages)], chat_template=tokenizer.get_chat_template(),
+    if not chats:
+        return []
+    rendered, _ = render_jinja_template(conversations=[chat_messages(messages) for messages in chats],
+                                        chat_template=tokenizer.get_chat_template(),
                                         add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map)
-    return rendered[0]
+    return rendered
 
 
 def chat_messages(messages) -> list[dict]:
     return [{"role": m.role, "content": f"{m.content}\n\n{m.context}" if m.context else m.content} for m in messages]
 
 
-def render_segments(conversation: Conversation, template: str, tokenizer) -> list[tuple[str, bool]]:
-    """[(text, is_target)] whose concatenation is the whole rendered conversation.
+def render_segments(conversations: list[Conversation], template: str, tokenizer) -> list[list[tuple[str, bool]]]:
+    """For each conversation, [(text, is_target)] whose concatenation is the whole rendered conversation.
 
     alpaca: [(prompt, False), (response, True)]; the caller appends EOS as a target. chat: each
     assistant turn is the template's rendering of it (up to and including the EOS token), found as
     the difference between the rendering up to it and the prompt that asks for it; the template
-    writes its own end-of-turn tokens, so nothing is appended.
+    writes its own end-of-turn tokens, so nothing is appended. The chat templates' renderings of all
+    the conversations are made in two calls (prompts, and conversations up to each assistant turn).
     """
-    template = template_for(conversation, template)
-    messages = list(conversation.messages)
-    if template == "alpaca":
-        return [(render_prompt("alpaca", messages[:-1], tokenizer), False), (messages[-1].content, True)]
-    segments, done = [], ""
-    for i, message in enumerate(messages):
-        if message.role != "assistant":
+    turns = [[i for i, m in enumerate(c.messages) if m.role == "assistant"] if template_for(c, template) == "chat"
+             else [] for c in conversations]
+    asked = [(c.messages[:i], c.messages[:i + 1]) for c, indices in zip(conversations, turns) for i in indices]
+    try:
+        prompts = iter(render_chats([prompt for prompt, _ in asked], tokenizer, add_generation_prompt=True))
+        fulls = iter(render_chats([full for _, full in asked], tokenizer))
+    except Exception as e:  # a template that refuses a conversation (roles must alternate, ...): name the record
+        refused = next((c for c, indices in zip(conversations, turns) if indices and _refused(c, tokenizer)), None)
+        if refused is None:
+            raise
+        raise DataError(f"{refused.source}: the tokenizer's chat template refuses this conversation: "
+                        f"{type(e).__name__}: {e}") from None
+    rendered = []
+    for conversation, indices in zip(conversations, turns):
+        messages = list(conversation.messages)
+        if template_for(conversation, template) == "alpaca":
+            rendered.append([(render_prompt("alpaca", messages[:-1], tokenizer), False), (messages[-1].content, True)])
             continue
-        prompt = render_prompt("chat", messages[:i], tokenizer)
-        full = render_chat(messages[: i + 1], tokenizer)
-        if not prompt.startswith(done) or not full.startswith(prompt):
-            raise DataError(f"{conversation.source}: the tokenizer's chat template does not render this conversation "
-                            "turn by turn (a later turn changes an earlier one), so its targets cannot be marked")
-        answer = full[len(prompt):]
-        end = answer.find(tokenizer.eos_token) + len(tokenizer.eos_token) if tokenizer.eos_token in answer else len(answer)
-        segments += [(prompt[len(done):], False), (answer[:end], True)]
-        done = prompt + answer[:end]
-    return segments
+        segments, done = [], ""
+        for _ in indices:
+            prompt, full = next(prompts), next(fulls)
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise DataError(f"{conversation.source}: the tokenizer's chat template does not render this conversation "
+                                "turn by turn (a later turn changes an earlier one), so its targets cannot be marked")
+            answer = full[len(prompt):]
+            end = answer.find(tokenizer.eos_token) + len(tokenizer.eos_token) if tokenizer.eos_token in answer else len(answer)
+            segments += [(prompt[len(done):], False), (answer[:end], True)]
+            done = prompt + answer[:end]
+        rendered.append(segments)
+    return rendered
+
+
+def _refused(conversation: Conversation, tokenizer) -> bool:
+    try:
+        render_chats([conversation.messages], tokenizer)
+        return False
+    except Exception:
+        return True
 
 
 def template_adds_special_tokens(template: str) -> bool:
