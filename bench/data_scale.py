@@ -139,12 +139,14 @@ def child_prepare(folder: Path, cache: Path) -> None:
     from instructune.modeling import models
     from instructune.modeling.builtin import builtin_model_path
 
-    shards = []
+    shards, read = [], []
 
     class Shards(logging.Handler):
         def emit(self, record):
-            if record.getMessage().startswith("prepared rows"):
-                shards.append((time.perf_counter(), record.args))
+            if record.getMessage().startswith("tokenised rows"):
+                shards.append((time.perf_counter() - started, record.args[1] - record.args[0]))
+            elif record.getMessage().startswith("read "):
+                read.append(time.perf_counter() - started)
 
     logging.getLogger("instructune").addHandler(Shards())
     logging.getLogger("instructune").setLevel(logging.INFO)
@@ -157,10 +159,10 @@ def child_prepare(folder: Path, cache: Path) -> None:
     tokens = sum(f.stat().st_size for f in prepared.folder.glob("tokens-*.arrow"))
     entry = sum(f.stat().st_size for f in prepared.folder.iterdir())
     token_count = int(prepared.rows.data.column("length").to_numpy().sum())
-    per_shard = [(end - start) / seconds for _, (start, end, _, seconds) in shards]
-    mix_s = shards[0][0] - shards[0][1][3] - started if shards else 0.0  # reading, converting and deduplicating
-    print(json.dumps({"seconds": elapsed, "records": prepared.stats.records, "shard_records_per_s": per_shard,
-                      "mix_s": mix_s, "tokens": token_count,
+    tenth = elapsed / 10
+    per_tenth = [sum(rows for at, rows in shards if k * tenth <= at < (k + 1) * tenth) / tenth for k in range(10)]
+    print(json.dumps({"seconds": elapsed, "records": prepared.stats.records, "tenths_records_per_s": per_tenth,
+                      "read_s": read[0], "tokens": token_count,
                       "token_bytes": tokens, "entry_bytes": entry, "hit": prepared.hit,
                       "rss_self_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                       "rss_children_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
@@ -224,8 +226,9 @@ def main() -> None:
                   f"({figures['entry_bytes'] / 1e6:,.0f} MB entry with the conversations)", flush=True)
         largest, smallest = max(options.sizes), min(options.sizes)
         big = results[largest]
-        print(f"  the largest run: {big['mix_s']:.0f} s reading, converting and deduplicating (one process), then "
-              "records/s per shard: " + ", ".join(f"{r:,.0f}" for r in big["shard_records_per_s"]))
+        print(f"  the largest run: reading, converting and deduplicating done after {big['read_s']:.0f} s (one "
+              "process, while others tokenise); records tokenised per second, per tenth of the run: " +
+              ", ".join(f"{r:,.0f}" for r in big["tenths_records_per_s"]))
 
         texts = sorted((work / f"mix-{smallest}").iterdir())
         raw, call = reference(texts, smallest, rust=True), reference(texts, smallest, rust=False)

@@ -127,6 +127,36 @@ def test_a_preparation_killed_half_way_resumes_from_its_finished_shards(tiny_lla
     assert not list((tmp_path / "cache").glob("*.work"))  # the work folder goes once the entry is complete
 
 
+def test_worker_processes_tokenise_shards_while_the_mix_is_read_into_one_processs_rows(tiny_llama, data, tmp_path,
+                                                                                         monkeypatch):
+    """Two worker processes tokenise shards of 30 rows while the mix is read (one that samples nothing) or after it
+    (one that samples): the rows are those of encoding the whole mix at once. Preference pairs first read after
+    some shards were tokenised without the pair columns: those shards are tokenised again with them."""
+    from instructune.data import cache, sources
+    from instructune.data.encode import encode_columns
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"prompt": f"Is {n} even?", "chosen": "Yes." if n % 2 == 0 else "No.",
+                                            "rejected": "No." if n % 2 == 0 else "Yes."}) for n in range(20)))
+    llama = tokenizer(tiny_llama)
+    monkeypatch.setattr(cache, "SHARD_ROWS", 30)
+    monkeypatch.setattr(sources, "WRITE_ROWS", 10)  # the reading hands over 10 rows at a time
+    redone, tokenise_shard = [], cache._tokenise_shard
+    monkeypatch.setattr(cache, "_tokenise_shard", lambda rows, path, *args: (redone.append(path.name),
+                                                                             tokenise_shard(rows, path, *args))[1])
+    for name, specs in {"streamed": [DatasetSpec(str(data))], "sampled": [DatasetSpec(str(data), "100")],
+                        "pairs after 4 shards": [DatasetSpec(str(data)), DatasetSpec(str(pairs))]}.items():
+        mix = load_mix(specs)
+        with_pairs = name.startswith("pairs")
+        expected = encode_columns(mix.conversations, llama, "alpaca", 256, pairs=with_pairs)
+        prepared = prepare(specs, llama, ALPACA, cache_dir=tmp_path / "cache", workers=2)
+        assert prepared.rows.to_dict() == expected, name
+        assert len(list(prepared.folder.glob("tokens-*.arrow"))) == -(-len(mix) // 30), name
+    assert sum(map(len, prepared.rows["rejected_ids"])) > 0 and len(prepared.rows) == 125 + 20
+    # called in this process only to redo a shard (the workers' calls are theirs): the 4 read before the first pair
+    assert redone == [f"tokens-{start:010d}-{start + 30:010d}.arrow" for start in range(0, 120, 30)]
+
+
 def test_ranks_that_do_not_prepare_wait_for_the_one_that_does_and_share_its_error(tiny_llama, data, tmp_path):
     llama, specs = tokenizer(tiny_llama), [DatasetSpec(str(data))]
     waited = []

@@ -8,9 +8,10 @@ template, the prompt template, max length, train_on_inputs, overlong and ENCODIN
 the cache misses.
 
 Preparation streams: records go from the files into an Arrow file of conversations (never a list of Python
-objects), then `datasets.map` tokenises it shard by shard (SHARD_ROWS rows, `num_proc` processes each) into a work
-folder beside the entry. A run killed while preparing leaves its finished shards there, and the next run with the
-same fingerprint tokenises only the rest. The entry appears only complete (staged, fsync'd, renamed: the first
+objects) and, as they are read, in shards of SHARD_ROWS rows to `workers` processes, each shard tokenised by a
+`datasets.map` into its own Arrow file in a work folder beside the entry (when a dataset is sampled to a size, the
+shards start once all is read). A run killed while preparing leaves its finished shards there, and the next run
+with the same fingerprint tokenises only the rest. The entry appears only complete (staged, fsync'd, renamed: the first
 rename wins), its marker recording the row count, the statistics and a hash of every file; an entry that is damaged
 is rebuilt with a warning. Token ids are stored in the smallest type that holds the vocabulary (uint16 below 65,536
 tokens) and targets as [start, end) spans, not as a second id column.
@@ -20,7 +21,9 @@ a collective, so no process-group timeout (`--ddp_timeout`) limits how long prep
 process fails on the data, it leaves the error beside the entry and the waiting ranks raise it too.
 """
 
+import collections
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -43,7 +46,7 @@ logger = logging.getLogger("instructune")
 # Bump when encode.py or templates.py change what an example is: old caches then miss.
 ENCODING_VERSION = 2
 MARKER = "complete"  # written last: settings, row count, statistics and each file's hash
-SHARD_ROWS = 100_000  # rows tokenised per `map`: what a crash can lose, and the unit of the progress log
+SHARD_ROWS = 25_000  # rows a worker tokenises at a time: what a crash can lose, and the unit of the progress log
 WAIT_POLL_S = 1.0
 
 
@@ -161,33 +164,145 @@ def _prepare_into(folder: Path, specs, tokenizer, encoding: Encoding, seed, stri
     import datasets
 
     work = folder.with_name(folder.name + ".work")  # kept across a crash: its finished shards are not redone
-    mix = load_mix(specs, seed, strict, dedup, folder=work)
-    pairs = any(mix.formats.get(f) for f in PAIR_FORMATS)
-    shards = []
-    for number, start in enumerate(range(0, len(mix), SHARD_ROWS)):
-        started, end = time.perf_counter(), min(start + SHARD_ROWS, len(mix))
-        rows = mix.rows.select(range(start, end)) if (start, end) != (0, len(mix)) else mix.rows
-        shards.append(rows.map(
-            partial(_encode_batch, tokenizer=tokenizer, encoding=encoding, pairs=pairs), batched=True, batch_size=1000,
-            num_proc=workers if workers and workers > 1 and end - start > 1 else None,
-            features=features(tokenizer, pairs),
-            remove_columns=["conversation"], cache_file_name=str(work / f"tokens-{number:05d}.arrow"),
-            new_fingerprint=f"{folder.name}-{number:05d}", desc=f"tokenising {start:,}-{end:,} of {len(mix):,}"))
-        logger.info("prepared rows %d-%d of %d in %.1f s", start, end, len(mix), time.perf_counter() - started)
-    tokens = datasets.concatenate_datasets(shards)
+    # A mix that samples no dataset is tokenised while it is read; one that does is known only once read whole.
+    streamed = all(spec.size == "all" for spec in specs)
+    with _Shards(work, tokenizer, encoding, workers) as shards:
+        started = time.perf_counter()
+        mix = load_mix(specs, seed, strict, dedup, folder=work, on_rows=shards.add if streamed else None)
+        logger.info("read %d conversations in %.1f s%s", len(mix), time.perf_counter() - started,
+                    ", tokenising meanwhile" if streamed else "")
+        if not streamed:
+            pairs = any(mix.formats.get(f) for f in PAIR_FORMATS)
+            for start in range(0, len(mix), SHARD_ROWS):
+                shards.add(mix.rows.select(range(start, min(start + SHARD_ROWS, len(mix))))["conversation"], pairs)
+        files = shards.finish(mix)
+    tokens = datasets.concatenate_datasets([datasets.Dataset.from_file(str(path)) for path in files])
     outcomes, full_lengths = (tokens.data.column(name).to_numpy() for name in ("outcome", "full_length"))
     stats = stats_of(outcomes.tolist(), full_lengths)
     stats.skipped, stats.duplicates, stats.sources = dict(mix.skipped), dict(mix.duplicates), mix.sources
     with atomic_folder(folder, shared=True) as staging:
-        for path in sorted({Path(f["filename"]) for shard in shards for f in shard.cache_files}):
+        for path in files:
             os.link(path, staging / path.name)  # hard links: the work folder may be read by a writer of another run
         os.link(work / "conversations.arrow", staging / "conversations.arrow")
-        files = {path.name: file_hash(path) for path in sorted(staging.iterdir())}
-        marker = {"settings": asdict(encoding), "rows": len(tokens), "files": files, "stats": asdict(stats),
+        hashes = {path.name: file_hash(path) for path in sorted(staging.iterdir())}
+        marker = {"settings": asdict(encoding), "rows": len(tokens), "files": hashes, "stats": asdict(stats),
                   "formats": dict(mix.formats)}
         (staging / MARKER).write_text(json.dumps(marker) + "\n")
-    del mix, shards, tokens
+    del mix, tokens
     shutil.rmtree(work, ignore_errors=True)
+
+
+class _Shards:
+    """Rows tokenised in shards of SHARD_ROWS as they come, each into its own Arrow file in the work folder (named
+    by its rows: a shard found there, finished before a crash, is not done again), by `workers` processes forked
+    once (the tokenizer inherited, not sent) while the caller reads on. At most two shards a worker wait, so memory
+    holds a few shards' rows whatever the mix's size. With one worker or none, each shard is tokenised in this
+    process as it fills."""
+
+    def __init__(self, work: Path, tokenizer, encoding: Encoding, workers: int | None):
+        from multiprocessing import get_context
+
+        import datasets
+        from tqdm.auto import tqdm
+
+        self.work, self.tokenizer, self.encoding = work, tokenizer, encoding
+        self.rows, self.pairs, self.start = [], False, 0  # the shard being filled, and its first row
+        self.done: list[tuple[Path, bool, int, int]] = []  # each shard's file, whether with the pair columns, rows
+        self.waiting = collections.deque()  # ((file, pairs, start, end), result) of the shards being tokenised
+        # The objects that exist now (the model's libraries: hundreds of thousands) are left out of the garbage
+        # collector's passes while preparing, here and in the forked workers: tokenising makes a few lists per text,
+        # and each full pass over all those objects cost 10-15 % of the tokenising time (bench/data_scale.py).
+        gc.freeze()
+        self.pool = get_context("fork").Pool(workers, _start_worker, (tokenizer, encoding)) \
+            if workers and workers > 1 else None
+        self.limit = 2 * (workers or 1)
+        self.bar = tqdm(desc="tokenising", unit=" records", dynamic_ncols=True)
+        self.datasets_bars = not datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # one bar for all the shards, not one per shard
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        self.bar.close()
+        if self.pool is not None:
+            self.pool.terminate()  # after an error, the shards being tokenised are abandoned; the finished ones stay
+        gc.unfreeze()
+        if self.datasets_bars:
+            import datasets
+
+            datasets.enable_progress_bars()
+
+    def add(self, rows: list[str], pairs: bool) -> None:
+        """More rows, in order; `pairs`: one of them is a preference pair."""
+        self.rows += rows
+        self.pairs |= pairs
+        while len(self.rows) >= SHARD_ROWS:
+            self._submit(self.rows[:SHARD_ROWS], self.pairs)
+            self.rows, self.pairs = self.rows[SHARD_ROWS:], pairs  # what is left came from the last rows given
+
+    def finish(self, mix) -> list[Path]:
+        """Every shard's file, in order, once all are tokenised. A mix with preference pairs needs the pair columns
+        in every shard: one tokenised without them (before the first pair was read) is tokenised again."""
+        if self.rows:
+            self._submit(self.rows, self.pairs)
+        while self.waiting:
+            self._collect()
+        self.bar.total = self.bar.n
+        self.bar.refresh()
+        for path, with_pairs, start, end in self.done:
+            if not with_pairs and any(mix.formats.get(f) for f in PAIR_FORMATS):
+                path.unlink()
+                _tokenise_shard(mix.rows.select(range(start, end))["conversation"], path, True, self.tokenizer,
+                                self.encoding)
+        return [path for path, *_ in self.done]
+
+    def _submit(self, rows: list[str], pairs: bool) -> None:
+        start, end = self.start, self.start + len(rows)
+        path, self.start = self.work / f"tokens-{start:010d}-{end:010d}.arrow", end
+        shard = (path, pairs, start, end)
+        if path.exists():  # tokenised before a crash
+            self._finished(shard, 0.0)
+        elif self.pool is None:
+            self._finished(shard, _tokenise_shard(rows, path, pairs, self.tokenizer, self.encoding))
+        else:
+            self.waiting.append((shard, self.pool.apply_async(_in_worker, (rows, path, pairs))))
+            while len(self.waiting) >= self.limit:
+                self._collect()
+
+    def _collect(self) -> None:
+        shard, result = self.waiting.popleft()
+        self._finished(shard, result.get())
+
+    def _finished(self, shard: tuple[Path, bool, int, int], seconds: float) -> None:
+        self.done.append(shard)
+        self.bar.update(shard[3] - shard[2])
+        logger.info("tokenised rows %d-%d in %.1f s", shard[2], shard[3], seconds)
+
+
+def _tokenise_shard(rows: list[str], path: Path, pairs: bool, tokenizer, encoding: Encoding) -> float:
+    """One shard's rows tokenised into `path` (written whole or not at all: `datasets` writes a temporary file and
+    renames it); the seconds it took."""
+    import datasets
+
+    started = time.perf_counter()
+    datasets.Dataset.from_dict({"conversation": rows}).map(
+        partial(_encode_batch, tokenizer=tokenizer, encoding=encoding, pairs=pairs), batched=True, batch_size=1000,
+        features=features(tokenizer, pairs), remove_columns=["conversation"], cache_file_name=str(path),
+        new_fingerprint=path.stem)
+    return time.perf_counter() - started
+
+
+_worker: tuple = ()  # (tokenizer, encoding) of a tokenising process
+
+
+def _start_worker(tokenizer, encoding: Encoding) -> None:
+    global _worker
+    _worker = (tokenizer, encoding)
+
+
+def _in_worker(rows: list[str], path: Path, pairs: bool) -> float:
+    return _tokenise_shard(rows, path, pairs, *_worker)
 
 
 def _prepared(rows, marker: dict, hit: bool, folder: Path) -> Prepared:

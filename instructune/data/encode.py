@@ -141,6 +141,7 @@ def _encode(conversations: list[Conversation], tokenizer, template: str, max_len
 
     encoded = []
     position = 0
+    eos = tokenizer.eos_token_id  # a lookup in the vocabulary each time it is read
     for chosen_template, segments in rendered:
         input_ids, spans = [], []  # spans: [start, end) of each run of targets, flattened
         for text, is_target in segments:
@@ -153,7 +154,7 @@ def _encode(conversations: list[Conversation], tokenizer, template: str, max_len
                     spans += [len(input_ids), len(input_ids) + len(tokens)]
             input_ids += tokens
         if chosen_template == "alpaca":  # EOS ends the response and is learned with it
-            input_ids.append(tokenizer.eos_token_id)
+            input_ids.append(eos)
             end = len(input_ids)
             spans = spans[:-1] + [end] if spans and spans[-1] == end - 1 else spans + [end - 1, end]
         full_length, targets, outcome = len(input_ids), sum(spans[1::2]) - sum(spans[::2]), KEPT

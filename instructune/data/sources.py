@@ -19,7 +19,7 @@ import weakref
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from instructune.data.formats import FORMATS, Conversation, from_row, json_type, to_conversations, to_row
 from instructune.errors import DataError
@@ -61,6 +61,7 @@ class Mix:
         return list(self)
 
 
+WRITE_ROWS = 10_000  # conversations written to the mix's Arrow file at a time (and given to load_mix's on_rows)
 SIZE = re.compile(r"all|\d+%?|\d+\.\d+%")
 
 
@@ -95,10 +96,13 @@ def parse_datasets(value: str) -> list[DatasetSpec]:
 
 
 def load_mix(specs: list[DatasetSpec], seed: int = 42, strict: bool = False, dedup: bool = True,
-             folder: Path | None = None) -> Mix:
+             folder: Path | None = None, on_rows: Callable[[list[str], bool], None] | None = None) -> Mix:
     """Every dataset streamed, validated and written to `folder`/conversations.arrow (a temporary folder if None),
     duplicates dropped across all of them (first seen kept; 64-bit hashes of the exact and normalised texts are
-    kept, not the texts), then each dataset sampled to its size."""
+    kept, not the texts), then each dataset sampled to its size.
+
+    `on_rows(rows, pairs)`: each run of rows kept, as it is written (before any sampling: for a mix that samples
+    none), and whether one of them is a preference pair; the tokenisation cache tokenises them while reading goes on."""
     import datasets
     import pyarrow as pa
 
@@ -115,11 +119,15 @@ def load_mix(specs: list[DatasetSpec], seed: int = 42, strict: bool = False, ded
     schema = pa.schema([("conversation", pa.large_string())])
     try:
         with pa.OSFile(str(staging), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            batch = []
+            def flush(rows: list[str], pairs: bool) -> None:
+                writer.write_batch(pa.record_batch([pa.array(rows, pa.large_string())], schema=schema))
+                if on_rows is not None:
+                    on_rows(rows, pairs)
+
+            batch, pairs = [], False
             for spec in specs:
                 kinds = bytearray()  # each kept conversation's format, to count those sampled
                 for conversation in iter_conversations(spec.path, spec.format, strict, skipped):
-                    row = to_row(conversation)
                     if dedup:
                         exact, normalised = _keys(conversation)
                         if exact in seen_exact or normalised in seen_normalised:
@@ -127,18 +135,19 @@ def load_mix(specs: list[DatasetSpec], seed: int = 42, strict: bool = False, ded
                             continue
                         seen_exact.add(exact)
                         seen_normalised.add(normalised)
-                    batch.append(row)
+                    batch.append(to_row(conversation))
                     kinds.append(FORMATS.index(conversation.format))
-                    if len(batch) == 10_000:
-                        writer.write_batch(pa.record_batch([pa.array(batch, pa.large_string())], schema=schema))
-                        batch = []
+                    pairs |= conversation.rejected is not None
+                    if len(batch) == WRITE_ROWS:
+                        flush(batch, pairs)
+                        batch, pairs = [], False
                 taken = _sample(len(kinds), spec, seed)
                 chosen.append(range(total, total + len(kinds)) if taken is None else [total + i for i in taken])
                 sources[spec.path] = len(chosen[-1])
                 formats.update(FORMATS[kinds[i]] for i in (taken if taken is not None else range(len(kinds))))
                 total += len(kinds)
             if batch:
-                writer.write_batch(pa.record_batch([pa.array(batch, pa.large_string())], schema=schema))
+                flush(batch, pairs)
         path = folder / "conversations.arrow"
         os.replace(staging, path)
     finally:

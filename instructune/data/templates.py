@@ -35,13 +35,13 @@ def render_prompt(template: str, messages: list[Message], tokenizer) -> str:
         pattern = ALPACA_WITH_INPUT if user.context else ALPACA_NO_INPUT
         return pattern.format(instruction=user.content, input=user.context)
     if template == "chat":
-        return render_chats([messages], tokenizer, add_generation_prompt=True)[0]
+        return render_chats([chat_messages(messages)], tokenizer, add_generation_prompt=True)[0]
     raise ValueError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
 
 
-def render_chats(chats: list[list[Message]], tokenizer, add_generation_prompt: bool = False) -> list[str]:
-    """What tokenizer.apply_chat_template(chat_messages(messages), tokenize=False, add_generation_prompt=...) returns
-    for each chat, through the one step of it that renders (transformers' render_jinja_template, given what
+def render_chats(chats: list[list[dict]], tokenizer, add_generation_prompt: bool = False) -> list[str]:
+    """What tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=...) returns for each chat
+    (chat_messages), through the one step of it that renders (transformers' render_jinja_template, given what
     apply_chat_template gives it), all chats in one call: the call's own checks and normalisation, and the
     per-call preparation of the template's arguments, are half the time of rendering a chat one call at a time,
     and preparing a chat record renders twice per assistant turn. tests/test_library_hooks.py keeps the two
@@ -50,7 +50,7 @@ def render_chats(chats: list[list[Message]], tokenizer, add_generation_prompt: b
 
     if not chats:
         return []
-    rendered, _ = render_jinja_template(conversations=[chat_messages(messages) for messages in chats],
+    rendered, _ = render_jinja_template(conversations=chats,
                                         chat_template=tokenizer.get_chat_template(),
                                         add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map)
     return rendered
@@ -69,9 +69,11 @@ def render_segments(conversations: list[Conversation], template: str, tokenizer)
     writes its own end-of-turn tokens, so nothing is appended. The chat templates' renderings of all
     the conversations are made in two calls (prompts, and conversations up to each assistant turn).
     """
-    turns = [[i for i, m in enumerate(c.messages) if m.role == "assistant"] if template_for(c, template) == "chat"
-             else [] for c in conversations]
-    asked = [(c.messages[:i], c.messages[:i + 1]) for c, indices in zip(conversations, turns) for i in indices]
+    templates = [template_for(c, template) for c in conversations]
+    turns = [[i for i, m in enumerate(c.messages) if m.role == "assistant"] if t == "chat" else []
+             for c, t in zip(conversations, templates)]
+    chats = [chat_messages(c.messages) if indices else [] for c, indices in zip(conversations, turns)]
+    asked = [(chat[:i], chat[:i + 1]) for chat, indices in zip(chats, turns) for i in indices]
     try:
         prompts = iter(render_chats([prompt for prompt, _ in asked], tokenizer, add_generation_prompt=True))
         fulls = iter(render_chats([full for _, full in asked], tokenizer))
@@ -82,9 +84,9 @@ def render_segments(conversations: list[Conversation], template: str, tokenizer)
         raise DataError(f"{refused.source}: the tokenizer's chat template refuses this conversation: "
                         f"{type(e).__name__}: {e}") from None
     rendered = []
-    for conversation, indices in zip(conversations, turns):
-        messages = list(conversation.messages)
-        if template_for(conversation, template) == "alpaca":
+    for conversation, chosen, indices in zip(conversations, templates, turns):
+        if chosen == "alpaca":
+            messages = conversation.messages
             rendered.append([(render_prompt("alpaca", messages[:-1], tokenizer), False), (messages[-1].content, True)])
             continue
         segments, done = [], ""
@@ -103,7 +105,7 @@ def render_segments(conversations: list[Conversation], template: str, tokenizer)
 
 def _refused(conversation: Conversation, tokenizer) -> bool:
     try:
-        render_chats([conversation.messages], tokenizer)
+        render_chats([chat_messages(conversation.messages)], tokenizer)
         return False
     except Exception:
         return True
