@@ -12,8 +12,8 @@ tokenizer is SmolLM2's (the built-in model), max length 2048, 2 processes.
   `encode_batch_fast` of 1,000 texts a call in 2 processes, over each record's prompt and response texts formatted by
   plain string formatting: the tokenizer's work alone, the limit). Also printed: the ratio to the tokenizer's
   ordinary call (`tokenizer(texts)`, what a `datasets.map` of a tokenising function runs), which builds a dict per
-  text and is slower. Our records tokenised per second in each tenth of the run (a slowdown at the end would show), and when the
-  reading (in one process, while workers tokenise) finished.
+  text and is slower. Also: our records tokenised per second in each tenth of the run (a slowdown at the end would
+  show), and when the reading (in one process, while workers tokenise) finished.
 - peak RSS of preparation: the preparing process plus its largest worker (ru_maxrss of each), at each size; the
   slope between the smallest and largest size per record.
 - warm_start_s: `train.py --max_steps 1` on the cached mix, minus the same on a 100-record file: the time the data

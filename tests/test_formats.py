@@ -216,7 +216,7 @@ def test_a_chat_template_that_refuses_a_conversation_names_the_record(tiny_llama
                                "{{ raise_exception('System role not supported') }}{% endif %}"
                                "{{ m['content'] }}{{ eos_token }}{% endfor %}")
     (model / "tokenizer_config.json").write_text(json.dumps(config))
-    share = write(tmp_path / "share.json", SHAREGPT[1:] + SHAREGPT[:1], lines=False)  # the second record has a system turn
+    share = write(tmp_path / "share.json", SHAREGPT[1:] + SHAREGPT[:1], lines=False)  # the second has a system turn
     assert main(["train", "--model_name_or_path", str(model), "--data_path", str(share),
                  "--output_dir", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (

@@ -65,7 +65,7 @@ def test_chat_rendering_is_apply_chat_templates(smollm2, template):
          Message("assistant", "Both.")],
     ]
     for generation_prompt in (False, True):
-        expected = [tokenizer.apply_chat_template(chat_messages(messages), tokenize=False,
-                                                  add_generation_prompt=generation_prompt) for messages in conversations]
         chats = [chat_messages(messages) for messages in conversations]
+        expected = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt)
+                    for chat in chats]
         assert render_chats(chats, tokenizer, generation_prompt) == expected  # all in one call

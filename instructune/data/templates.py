@@ -88,19 +88,24 @@ def render_segments(conversations: list[Conversation], template: str, tokenizer)
         if chosen == "alpaca":
             messages = conversation.messages
             rendered.append([(render_prompt("alpaca", messages[:-1], tokenizer), False), (messages[-1].content, True)])
-            continue
-        segments, done = [], ""
-        for _ in indices:
-            prompt, full = next(prompts), next(fulls)
-            if not prompt.startswith(done) or not full.startswith(prompt):
-                raise DataError(f"{conversation.source}: the tokenizer's chat template does not render this conversation "
-                                "turn by turn (a later turn changes an earlier one), so its targets cannot be marked")
-            answer = full[len(prompt):]
-            end = answer.find(tokenizer.eos_token) + len(tokenizer.eos_token) if tokenizer.eos_token in answer else len(answer)
-            segments += [(prompt[len(done):], False), (answer[:end], True)]
-            done = prompt + answer[:end]
-        rendered.append(segments)
+        else:
+            renderings = [(next(prompts), next(fulls)) for _ in indices]
+            rendered.append(_chat_segments(conversation, renderings, tokenizer.eos_token))
     return rendered
+
+
+def _chat_segments(conversation: Conversation, renderings: list[tuple[str, str]], eos: str) -> list[tuple[str, bool]]:
+    """A chat's segments, from the renderings of each assistant turn: the prompt up to it, the chat through it."""
+    segments, done = [], ""
+    for prompt, full in renderings:
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise DataError(f"{conversation.source}: the tokenizer's chat template does not render this conversation "
+                            "turn by turn (a later turn changes an earlier one), so its targets cannot be marked")
+        answer = full[len(prompt):]
+        end = answer.find(eos) + len(eos) if eos in answer else len(answer)
+        segments += [(prompt[len(done):], False), (answer[:end], True)]
+        done = prompt + answer[:end]
+    return segments
 
 
 def _refused(conversation: Conversation, tokenizer) -> bool:
