@@ -213,12 +213,12 @@ class _Shards:
         # collector's passes while preparing, here and in the forked workers: tokenising makes a few lists per text,
         # and each full pass over all those objects cost 10-15 % of the tokenising time (bench/data_scale.py).
         gc.freeze()
+        self.datasets_bars = not datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # one bar for all the shards, not one per shard (the workers inherit it)
         self.pool = get_context("fork").Pool(workers, _start_worker, (tokenizer, encoding)) \
             if workers and workers > 1 else None
         self.limit = 2 * (workers or 1)
         self.bar = tqdm(desc="tokenising", unit=" records", dynamic_ncols=True)
-        self.datasets_bars = not datasets.are_progress_bars_disabled()
-        datasets.disable_progress_bars()  # one bar for all the shards, not one per shard
 
     def __enter__(self):
         return self
