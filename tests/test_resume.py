@@ -76,13 +76,14 @@ def uninterrupted_run(strategy, model, tmp_path, ranks):
 @pytest.mark.slow
 @pytest.mark.distributed
 # ZeRO-2 and ZeRO-3 with offload write their checkpoints through the same DeepSpeed engine calls as ZeRO-3 (partitioned
-# optimizer states, in CPU memory while training for offload): their resumes are not run apart, to keep the suite
-# under 10 minutes.
-@pytest.mark.parametrize("strategy, tolerance", [("ddp", 0.0), ("zero3", 1e-6), ("fsdp", 1e-6)])
+# optimizer states, in CPU memory while training for offload), and FSDP's checkpoint resumes exactly in test_guard.py
+# (a half-written checkpoint is skipped by the same completion marker under every strategy): they are not run apart
+# here, to keep the suite under 10 minutes.
+@pytest.mark.parametrize("strategy, tolerance", [("ddp", 0.0), ("zero3", 1e-6)])
 def test_job_killed_while_saving_resumes_to_the_same_result(strategy, tolerance, tiny_llama, ranks, tmp_path):
     """The killed job is a real torchrun job (SIGKILL to its process group); the reference and the resumed run are
     jobs of the pooled ranks."""
-    port = 29700 + 10 * ["ddp", "zero3", "fsdp"].index(strategy)
+    port = 29700 + 10 * ["ddp", "zero3"].index(strategy)
     extra = ["--strategy", strategy]
     reference_dir = uninterrupted_run(strategy, tiny_llama, tmp_path, ranks)
 
