@@ -217,8 +217,8 @@ def test_a_chat_template_that_refuses_a_conversation_names_the_record(tiny_llama
                                "{{ m['content'] }}{{ eos_token }}{% endfor %}")
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     share = write(tmp_path / "share.json", SHAREGPT[1:] + SHAREGPT[:1], lines=False)  # the second has a system turn
-    assert main(["train", "--model_name_or_path", str(model), "--data_path", str(share),
-                 "--output_dir", str(tmp_path / "out")]) == 2
+    assert main(["train", "--model_name_or_path", str(model), "--data_path", str(share), "--output_dir",
+                 str(tmp_path / "out"), "--preprocessing_num_workers", "2"]) == 2  # raised in a worker, named here
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {share}: record 1: the tokenizer's chat template refuses this conversation: "
         "TemplateError: System role not supported")
