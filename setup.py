@@ -41,5 +41,5 @@ setup(
         # the server's tests: OpenAI's own client, and a browser driven by Selenium (Debian's chromium-driver)
         "test": ["pytest>=8", "openai>=1.40", "selenium>=4.20"],
     },
-    entry_points={"console_scripts": ["instructune=instructune.cli:main"]},
+    entry_points={"console_scripts": ["instructune=instructune.cli:entry"]},
 )
