@@ -171,11 +171,11 @@ def _prepare_into(folder: Path, specs, tokenizer, encoding: Encoding, seed, stri
         mix = load_mix(specs, seed, strict, dedup, folder=work, on_rows=shards.add if streamed else None)
         logger.info("read %d conversations in %.1f s%s", len(mix), time.perf_counter() - started,
                     ", tokenising meanwhile" if streamed else "")
+        pairs = any(mix.formats.get(f) for f in PAIR_FORMATS)
         if not streamed:
-            pairs = any(mix.formats.get(f) for f in PAIR_FORMATS)
             for start in range(0, len(mix), SHARD_ROWS):
                 shards.add(mix.rows.select(range(start, min(start + SHARD_ROWS, len(mix))))["conversation"], pairs)
-        files = shards.finish(mix)
+        files = shards.finish(mix.rows, pairs)
     tokens = datasets.concatenate_datasets([datasets.Dataset.from_file(str(path)) for path in files])
     outcomes, full_lengths = (tokens.data.column(name).to_numpy() for name in ("outcome", "full_length"))
     stats = stats_of(outcomes.tolist(), full_lengths)
@@ -241,9 +241,10 @@ class _Shards:
             self._submit(self.rows[:SHARD_ROWS], self.pairs)
             self.rows, self.pairs = self.rows[SHARD_ROWS:], pairs  # what is left came from the last rows given
 
-    def finish(self, mix) -> list[Path]:
-        """Every shard's file, in order, once all are tokenised. A mix with preference pairs needs the pair columns
-        in every shard: one tokenised without them (before the first pair was read) is tokenised again."""
+    def finish(self, rows, pairs: bool) -> list[Path]:
+        """Every shard's file, in order, once all are tokenised. `pairs`: the mix (its `rows`, a Dataset) has
+        preference pairs, so every shard needs the pair columns: one tokenised without them (before the first pair
+        was read) is tokenised again."""
         if self.rows:
             self._submit(self.rows, self.pairs)
         while self.waiting:
@@ -251,9 +252,9 @@ class _Shards:
         self.bar.total = self.bar.n
         self.bar.refresh()
         for path, with_pairs, start, end in self.done:
-            if not with_pairs and any(mix.formats.get(f) for f in PAIR_FORMATS):
+            if pairs and not with_pairs:
                 path.unlink()
-                _tokenise_shard(mix.rows.select(range(start, end))["conversation"], path, True, self.tokenizer,
+                _tokenise_shard(rows.select(range(start, end))["conversation"], path, True, self.tokenizer,
                                 self.encoding)
         return [path for path, *_ in self.done]
 
