@@ -10,10 +10,11 @@ tokenizer is SmolLM2's (the built-in model), max length 2048, 2 processes.
 
 - prep_ratio: our cold records/s at the largest size ÷ the raw tokenizer's records/s (its Rust backend's
   `encode_batch_fast` of 1,000 texts a call in 2 processes, over each record's prompt and response texts formatted by
-  plain string formatting: the tokenizer's work alone, the limit). Also printed: the ratio to the tokenizer's
-  ordinary call (`tokenizer(texts)`, what a `datasets.map` of a tokenising function runs), which builds a dict per
-  text and is slower. Also: our records tokenised per second in each tenth of the run (a slowdown at the end would
-  show), and when the reading (in one process, while workers tokenise) finished.
+  plain string formatting: the tokenizer's work alone, the limit), measured on the smallest mix just before the
+  largest run and just after, the mean of the two (this host's speed drifts by up to 15 % within minutes). Also
+  printed: the ratio to the tokenizer's ordinary call (`tokenizer(texts)`, what a `datasets.map` of a tokenising
+  function runs), which builds a dict per text and is slower. Also: our records tokenised per second in each tenth of
+  the run (a slowdown at the end would show), and when the reading (in one process, while workers tokenise) finished.
 - peak RSS of preparation: the preparing process plus its largest worker (ru_maxrss of each), at each size; the
   slope between the smallest and largest size per record.
 - warm_start_s: `train.py --max_steps 1` on the cached mix, minus the same on a 100-record file: the time the data
@@ -131,6 +132,12 @@ def reference(paths: list[Path], records: int, rust: bool) -> float:
         return records / (time.perf_counter() - started)
 
 
+def raw_tokenizer(folder: Path, records: int) -> tuple[float, float]:
+    """(backend, call) records/s of the raw tokenizer on the mix in `folder`."""
+    texts = sorted(folder.iterdir())
+    return reference(texts, records, rust=True), reference(texts, records, rust=False)
+
+
 def child_prepare(folder: Path, cache: Path) -> None:
     """In its own process, for its peak RSS: prepare the mix and print the figures as JSON."""
     import logging
@@ -211,13 +218,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="instructune-data-scale-"))
     python, results = sys.executable, {}
     try:
-        for size in options.sizes:
+        sizes = sorted(options.sizes)
+        largest, smallest = sizes[-1], sizes[0]
+        references = []  # the raw tokenizer's (backend, call) records/s, just before the largest run and just after
+        for size in sizes:
             folder = work / f"mix-{size}"
             started = time.perf_counter()
             paths = generate(folder, size)
             megabytes = sum(p.stat().st_size for p in paths) / 1e6
             print(f"{size:,} records generated ({megabytes:,.0f} MB of JSON) in {time.perf_counter() - started:.0f} s",
                   flush=True)
+            if size == largest:
+                references.append(raw_tokenizer(work / f"mix-{smallest}", smallest))
             _, done = run(python, __file__, "--child", folder, work / f"cache-{size}")
             results[size] = figures = json.loads(done.stdout.strip().splitlines()[-1])
             rss = (figures["rss_self_kb"] + figures["rss_children_kb"]) / 2**20
@@ -225,17 +237,17 @@ def main() -> None:
                   f"{figures['rss_self_kb'] / 2**20:.2f} GB + worker {figures['rss_children_kb'] / 2**20:.2f} GB = "
                   f"{rss:.2f} GB; {figures['token_bytes'] / figures['tokens']:.2f} bytes per token "
                   f"({figures['entry_bytes'] / 1e6:,.0f} MB entry with the conversations)", flush=True)
-        largest, smallest = max(options.sizes), min(options.sizes)
+        references.append(raw_tokenizer(work / f"mix-{smallest}", smallest))
         big = results[largest]
         print(f"  the largest run: reading, converting and deduplicating done after {big['read_s']:.0f} s (one "
               "process, while others tokenise); records tokenised per second, per tenth of the run: " +
               ", ".join(f"{r:,.0f}" for r in big["tenths_records_per_s"]))
 
-        texts = sorted((work / f"mix-{smallest}").iterdir())
-        raw, call = reference(texts, smallest, rust=True), reference(texts, smallest, rust=False)
+        raw, call = (sum(measures) / len(measures) for measures in zip(*references))
         ours = largest / big["seconds"]
         prep_ratio = ours / raw
-        print(f"raw tokenizer ({WORKERS} processes): {raw:,.0f} records/s through its Rust backend "
+        print(f"raw tokenizer ({WORKERS} processes; the mean of a measure just before the largest run and one just after: "
+              + " and ".join(f"{r:,.0f}" for r, _ in references) + f"): {raw:,.0f} records/s through its Rust backend "
               f"(encode_batch_fast), {call:,.0f} through its call (tokenizer(texts)); ours at {largest:,}: {ours:,.0f} "
               f"records/s: {prep_ratio:.2f} of the backend's, {ours / call:.2f} of the call's", flush=True)
 
@@ -243,7 +255,7 @@ def main() -> None:
             return (results[size]["rss_self_kb"] + results[size]["rss_children_kb"]) / 2**20
 
         slope = (peak(largest) - peak(smallest)) * 2**20 / (largest - smallest) if largest > smallest else float("nan")
-        print("peak RSS: " + ", ".join(f"{size:,}: {peak(size):.2f} GB" for size in options.sizes) +
+        print("peak RSS: " + ", ".join(f"{size:,}: {peak(size):.2f} GB" for size in sizes) +
               f"; slope {slope:.3f} kB per record")
 
         mix = sorted((work / f"mix-{largest}").iterdir())
