@@ -7,14 +7,14 @@ tokenizer (its name and a hash of its full definition: vocabulary, merges, norma
 template, the prompt template, max length, train_on_inputs, overlong and ENCODING_VERSION. Change any of them and
 the cache misses.
 
-Preparation streams: records go from the files into an Arrow file of conversations (never a list of Python
-objects) and, as they are read, in shards of SHARD_ROWS rows to `workers` processes, each shard tokenised by a
-`datasets.map` into its own Arrow file in a work folder beside the entry (when a dataset is sampled to a size, the
-shards start once all is read). A run killed while preparing leaves its finished shards there, and the next run
-with the same fingerprint tokenises only the rest. The entry appears only complete (staged, fsync'd, renamed: the first
-rename wins), its marker recording the row count, the statistics and a hash of every file; an entry that is damaged
-is rebuilt with a warning. Token ids are stored in the smallest type that holds the vocabulary (uint16 below 65,536
-tokens) and targets as [start, end) spans, not as a second id column.
+Preparation streams: records go from the files into an Arrow file of conversations (never a list of Python objects)
+and, as they are read, in shards of SHARD_ROWS rows to `workers` processes, each shard tokenised into its own Arrow
+file (datasets' format, written by its ArrowWriter) in a work folder beside the entry (when a dataset is sampled to
+a size, the shards start once all is read). A run killed while preparing leaves its finished shards there, and the
+next run with the same fingerprint tokenises only the rest. The entry appears only complete (staged, fsync'd,
+renamed: the first rename wins), its marker recording the row count, the statistics and a hash of every file; an
+entry that is damaged is rebuilt with a warning. Token ids are stored in the smallest type that holds the vocabulary
+(uint16 below 65,536 tokens) and targets as [start, end) spans, not as a second id column.
 
 One process per node prepares (the main one); the others wait for the entry's marker by polling the folder, not in
 a collective, so no process-group timeout (`--ddp_timeout`) limits how long preparation may take. If the main
@@ -31,7 +31,6 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 from instructune.data.batching import CachedExamples
@@ -47,6 +46,7 @@ logger = logging.getLogger("instructune")
 ENCODING_VERSION = 2
 MARKER = "complete"  # written last: settings, row count, statistics and each file's hash
 SHARD_ROWS = 25_000  # rows a worker tokenises at a time: what a crash can lose, and the unit of the progress log
+ENCODE_BATCH = 1_000  # rows encoded at a time: batched calls of the template and the tokenizer
 WAIT_POLL_S = 1.0
 
 
@@ -155,11 +155,6 @@ def features(tokenizer, pairs: bool = False):
     return datasets.Features(types)
 
 
-def _encode_batch(batch: dict, tokenizer, encoding: Encoding, pairs: bool) -> dict:
-    return encode_columns([from_row(row) for row in batch["conversation"]], tokenizer, encoding.template,
-                          encoding.max_length, encoding.train_on_inputs, encoding.overlong, pairs)
-
-
 def _prepare_into(folder: Path, specs, tokenizer, encoding: Encoding, seed, strict, dedup, workers) -> None:
     import datasets
 
@@ -202,7 +197,6 @@ class _Shards:
     def __init__(self, work: Path, tokenizer, encoding: Encoding, workers: int | None):
         from multiprocessing import get_context
 
-        import datasets
         from tqdm.auto import tqdm
 
         self.work, self.tokenizer, self.encoding = work, tokenizer, encoding
@@ -213,8 +207,6 @@ class _Shards:
         # collector's passes while preparing, here and in the forked workers: tokenising makes a few lists per text,
         # and each full pass over all those objects cost 10-15 % of the tokenising time (bench/data_scale.py).
         gc.freeze()
-        self.datasets_bars = not datasets.are_progress_bars_disabled()
-        datasets.disable_progress_bars()  # one bar for all the shards, not one per shard (the workers inherit it)
         self.pool = get_context("fork").Pool(workers, _start_worker, (tokenizer, encoding)) \
             if workers and workers > 1 else None
         self.limit = 2 * (workers or 1)
@@ -228,10 +220,6 @@ class _Shards:
         if self.pool is not None:
             self.pool.terminate()  # after an error, the shards being tokenised are abandoned; the finished ones stay
         gc.unfreeze()
-        if self.datasets_bars:
-            import datasets
-
-            datasets.enable_progress_bars()
 
     def add(self, rows: list[str], pairs: bool) -> None:
         """More rows, in order; `pairs`: one of them is a preference pair."""
@@ -282,15 +270,21 @@ class _Shards:
 
 
 def _tokenise_shard(rows: list[str], path: Path, pairs: bool, tokenizer, encoding: Encoding) -> float:
-    """One shard's rows tokenised into `path` (written whole or not at all: `datasets` writes a temporary file and
-    renames it); the seconds it took."""
-    import datasets
+    """One shard's rows tokenised into `path`, an Arrow file as `datasets` writes and memory-maps one (written whole
+    or not at all); the seconds it took. Each batch's columns go straight to datasets' ArrowWriter in the cache's
+    column types: a `Dataset.map` of the same function (a table built of the rows, each batch turned back into
+    Python, the output's types inferred, then cast) cost 4 % more (bench/data_scale.py)."""
+    import pyarrow as pa
+    from datasets.arrow_writer import ArrowWriter
 
-    started = time.perf_counter()
-    datasets.Dataset.from_dict({"conversation": rows}).map(
-        partial(_encode_batch, tokenizer=tokenizer, encoding=encoding, pairs=pairs), batched=True, batch_size=1000,
-        features=features(tokenizer, pairs), remove_columns=["conversation"], cache_file_name=str(path),
-        new_fingerprint=path.stem)
+    started, types = time.perf_counter(), features(tokenizer, pairs)
+    with atomic_file(path, "wb") as sink, ArrowWriter(features=types, stream=sink) as writer:
+        for start in range(0, len(rows), ENCODE_BATCH):
+            columns = encode_columns([from_row(row) for row in rows[start:start + ENCODE_BATCH]], tokenizer,
+                                     encoding.template, encoding.max_length, encoding.train_on_inputs,
+                                     encoding.overlong, pairs)
+            writer.write_table(pa.Table.from_pydict(columns, schema=types.arrow_schema))
+        writer.finalize(close_stream=False)  # atomic_file closes it, once synced
     return time.perf_counter() - started
 
 
