@@ -47,9 +47,9 @@ LLAMA2_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'us
 @pytest.mark.parametrize("template", ["smollm2", "llama2"])
 def test_chat_rendering_is_apply_chat_templates(smollm2, template):
     """data/templates.py renders chat templates with the template transformers compiles (its private
-    _compile_jinja_template), given what apply_chat_template gives it: the two give the same text, with and without a generation prompt, for a
-    template with a default system prompt (SmolLM2's) and one that writes the tokenizer's special tokens; several
-    conversations rendered in one call as each is alone."""
+    _compile_jinja_template), given what apply_chat_template gives it: the two give the same text, with and without
+    a generation prompt, for a template with a default system prompt (SmolLM2's) and one that writes the tokenizer's
+    special tokens; several conversations rendered in one call as each is alone."""
     from transformers import AutoTokenizer
 
     from instructune.data.formats import Message

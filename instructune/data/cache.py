@@ -273,7 +273,7 @@ def _tokenise_shard(rows: list[str], path: Path, pairs: bool, tokenizer, encodin
     """One shard's rows tokenised into `path`, an Arrow file as `datasets` writes and memory-maps one (written whole
     or not at all); the seconds it took. Each batch's columns go straight to datasets' ArrowWriter in the cache's
     column types: a `Dataset.map` of the same function (a table built of the rows, each batch turned back into
-    Python, the output's types inferred, then cast) cost 4 % more (bench/data_scale.py)."""
+    Python, the output's types inferred, then cast) cost 4 % more on a shard of bench/data_scale.py's mix."""
     import pyarrow as pa
     from datasets.arrow_writer import ArrowWriter
 

@@ -44,7 +44,7 @@ def render_chats(chats: list[list[dict]], tokenizer, add_generation_prompt: bool
     (chat_messages), rendered by the template transformers compiles for it (its sandboxed Jinja environment, cached
     per template) with the arguments apply_chat_template gives it. The call's own preparation (checks, its copy of
     each chat into plain data, reasoning fields aliased: nothing changes for chats of plain strings) cost a fifth of
-    rendering a chat, and preparing a chat record renders twice per assistant turn (bench/data_scale.py).
+    rendering a chat (bench/data_scale.py's chats), and preparing a chat record renders twice per assistant turn.
     `_compile_jinja_template` is private: tests/test_library_hooks.py keeps the two renderings equal, and fails if
     it goes."""
     from transformers.utils.chat_template_utils import _compile_jinja_template
