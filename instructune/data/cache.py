@@ -156,8 +156,6 @@ def features(tokenizer, pairs: bool = False):
 
 
 def _prepare_into(folder: Path, specs, tokenizer, encoding: Encoding, seed, strict, dedup, workers) -> None:
-    import datasets
-
     work = folder.with_name(folder.name + ".work")  # kept across a crash: its finished shards are not redone
     # A mix that samples no dataset is tokenised while it is read; one that does is known only once read whole.
     streamed = all(spec.size == "all" for spec in specs)
@@ -171,7 +169,7 @@ def _prepare_into(folder: Path, specs, tokenizer, encoding: Encoding, seed, stri
             for start in range(0, len(mix), SHARD_ROWS):
                 shards.add(mix.rows.select(range(start, min(start + SHARD_ROWS, len(mix))))["conversation"], pairs)
         files = shards.finish(mix.rows, pairs)
-    tokens = datasets.concatenate_datasets([datasets.Dataset.from_file(str(path)) for path in files])
+    tokens = _token_rows(files)
     outcomes, full_lengths = (tokens.data.column(name).to_numpy() for name in ("outcome", "full_length"))
     stats = stats_of(outcomes.tolist(), full_lengths)
     stats.skipped, stats.duplicates, stats.sources = dict(mix.skipped), dict(mix.duplicates), mix.sources
@@ -304,11 +302,11 @@ def _prepared(rows, marker: dict, hit: bool, folder: Path) -> Prepared:
     return Prepared(rows, DataStats(**marker["stats"]), marker["formats"], hit, folder)
 
 
-def _token_rows(folder: Path):
+def _token_rows(files: list[Path]):
+    """The tokenised shards' rows, in the order of `files`, memory-mapped as one Dataset."""
     import datasets
 
-    files = sorted(p for p in folder.glob("tokens-*.arrow"))
-    return datasets.concatenate_datasets([datasets.Dataset.from_file(str(p)) for p in files])
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(str(path)) for path in files])
 
 
 def conversations(folder: Path):
@@ -350,7 +348,7 @@ def _load_checked(folder: Path, trusted: bool = False) -> tuple | None:
         if files != set(marker["files"]) or not trusted and any(
                 file_hash(folder / name) != marker["files"][name] for name in files):
             raise ValueError("its files differ from those it was written with")
-        rows = _token_rows(folder)
+        rows = _token_rows(sorted(folder.glob("tokens-*.arrow")))  # named by their rows: sorted is in order
         if len(rows) != marker["rows"] or rows.column_names not in (list(COLUMNS), list(COLUMNS + PAIR_COLUMNS)):
             raise ValueError(f"{len(rows)} rows of {rows.column_names}, {marker['rows']} of {list(COLUMNS)} written")
         return rows, marker
